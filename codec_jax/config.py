@@ -1,0 +1,206 @@
+"""Model configuration: exactly the keys of SNAC's `config.json`, plus named presets."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+from typing import Any, Optional, Sequence
+
+# The keys a SNAC `config.json` holds, in SNAC's constructor order.
+SNAC_CONFIG_KEYS = (
+    "sampling_rate",
+    "encoder_dim",
+    "encoder_rates",
+    "latent_dim",
+    "decoder_dim",
+    "decoder_rates",
+    "attn_window_size",
+    "codebook_size",
+    "codebook_dim",
+    "vq_strides",
+    "noise",
+    "depthwise",
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class SNACConfig:
+    """Architecture of a SNAC codec; field names and defaults are SNAC's own.
+
+    Sequences are stored as tuples so that the config is hashable and can be a
+    static argument of jitted functions.
+    """
+
+    sampling_rate: int = 44100
+    encoder_dim: int = 64
+    encoder_rates: tuple[int, ...] = (3, 3, 7, 7)
+    latent_dim: Optional[int] = None
+    decoder_dim: int = 1536
+    decoder_rates: tuple[int, ...] = (7, 7, 3, 3)
+    attn_window_size: Optional[int] = 32
+    codebook_size: int = 4096
+    codebook_dim: int = 8
+    vq_strides: tuple[int, ...] = (8, 4, 2, 1)
+    noise: bool = True
+    depthwise: bool = True
+
+    def __post_init__(self):
+        for name in ("encoder_rates", "decoder_rates", "vq_strides"):
+            value = getattr(self, name)
+            if isinstance(value, (int,)) or not isinstance(value, Sequence):
+                raise ValueError(f"SNACConfig.{name} must be a sequence of ints, got {value!r}")
+            object.__setattr__(self, name, tuple(int(v) for v in value))
+        if any(v < 1 for v in self.encoder_rates + self.decoder_rates + self.vq_strides):
+            raise ValueError(f"rates and strides must be >= 1: {self}")
+        if not self.vq_strides:
+            raise ValueError("vq_strides must name at least one quantizer level")
+        if self.decoder_dim % (2 ** len(self.decoder_rates)):
+            raise ValueError(
+                f"decoder_dim={self.decoder_dim} must be divisible by 2**len(decoder_rates)"
+                f"={2 ** len(self.decoder_rates)}"
+            )
+        if self.attn_window_size is not None:
+            for dim in (self.latent_channels, self.decoder_dim):
+                if dim % 64:
+                    raise ValueError(
+                        f"attention needs channel counts divisible by the head size 64, got {dim}"
+                    )
+
+    # ---- derived quantities -------------------------------------------------
+    @property
+    def latent_channels(self) -> int:
+        """Channels of the encoder output (SNAC's `latent_dim` once resolved)."""
+        if self.latent_dim is not None:
+            return int(self.latent_dim)
+        return self.encoder_dim * 2 ** len(self.encoder_rates)
+
+    @property
+    def hop_length(self) -> int:
+        """Audio samples per finest latent frame."""
+        return int(math.prod(self.encoder_rates))
+
+    @property
+    def pad_multiple(self) -> int:
+        """Encode pads audio on the right to a multiple of this many samples (SNAC's preprocess)."""
+        return self.hop_length * math.lcm(self.vq_strides[0], self.attn_window_size or 1)
+
+    @property
+    def n_levels(self) -> int:
+        return len(self.vq_strides)
+
+    def padded_length(self, num_samples: int) -> int:
+        return math.ceil(num_samples / self.pad_multiple) * self.pad_multiple
+
+    def frames_per_level(self, num_samples: int) -> list[int]:
+        """Code frames of each level (coarse first) for a clip of `num_samples` samples."""
+        latent_frames = self.padded_length(num_samples) // self.hop_length
+        return [latent_frames // s for s in self.vq_strides]
+
+    def bitrate(self, n_levels: Optional[int] = None) -> float:
+        """Bits per second carried by the first `n_levels` levels (all by default)."""
+        n_levels = self.n_levels if n_levels is None else n_levels
+        if not 1 <= n_levels <= self.n_levels:
+            raise ValueError(f"n_levels must be in [1, {self.n_levels}], got {n_levels}")
+        frame_rate = self.sampling_rate / self.hop_length
+        bits = math.log2(self.codebook_size)
+        return sum(frame_rate / s * bits for s in self.vq_strides[:n_levels])
+
+    # ---- (de)serialisation ----------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        out = dataclasses.asdict(self)
+        for name in ("encoder_rates", "decoder_rates", "vq_strides"):
+            out[name] = list(out[name])
+        return out
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "SNACConfig":
+        unknown = sorted(set(data) - set(SNAC_CONFIG_KEYS))
+        if unknown:
+            raise ValueError(
+                f"unknown SNAC config keys {unknown}; expected a subset of {list(SNAC_CONFIG_KEYS)}"
+            )
+        return cls(**data)
+
+    @classmethod
+    def from_json(cls, path: str | os.PathLike) -> "SNACConfig":
+        with open(path) as f:
+            try:
+                data = json.load(f)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}: not valid JSON ({e})") from None
+        if not isinstance(data, dict):
+            raise ValueError(f"{path}: expected a JSON object of SNAC config keys")
+        return cls.from_dict(data)
+
+    def to_json(self, path: str | os.PathLike) -> None:
+        with open(path, "w") as f:
+            json.dump(self.to_dict(), f, indent=2)
+
+
+PRESETS: dict[str, SNACConfig] = {
+    # The published hubertsiuzdak/snac_* configurations.
+    "snac_24khz": SNACConfig(
+        sampling_rate=24000,
+        encoder_dim=48,
+        encoder_rates=(2, 4, 8, 8),
+        decoder_dim=1024,
+        decoder_rates=(8, 8, 4, 2),
+        attn_window_size=None,
+        codebook_size=4096,
+        codebook_dim=8,
+        vq_strides=(4, 2, 1),
+        noise=True,
+        depthwise=True,
+    ),
+    "snac_32khz": SNACConfig(
+        sampling_rate=32000,
+        encoder_dim=64,
+        encoder_rates=(2, 3, 8, 8),
+        decoder_dim=1536,
+        decoder_rates=(8, 8, 3, 2),
+        attn_window_size=32,
+        codebook_size=4096,
+        codebook_dim=8,
+        vq_strides=(8, 4, 2, 1),
+        noise=True,
+        depthwise=True,
+    ),
+    "snac_44khz": SNACConfig(
+        sampling_rate=44100,
+        encoder_dim=64,
+        encoder_rates=(2, 3, 8, 8),
+        decoder_dim=1536,
+        decoder_rates=(8, 8, 3, 2),
+        attn_window_size=32,
+        codebook_size=4096,
+        codebook_dim=8,
+        vq_strides=(8, 4, 2, 1),
+        noise=True,
+        depthwise=True,
+    ),
+    # Small enough for CPU tests and smoke training, yet it exercises every
+    # code path: odd stride (3), attention with 2 heads, depthwise, noise, 3 levels.
+    "tiny": SNACConfig(
+        sampling_rate=16000,
+        encoder_dim=8,
+        encoder_rates=(2, 3, 4),
+        latent_dim=None,
+        decoder_dim=128,
+        decoder_rates=(4, 3, 2),
+        attn_window_size=4,
+        codebook_size=64,
+        codebook_dim=4,
+        vq_strides=(4, 2, 1),
+        noise=True,
+        depthwise=True,
+    ),
+}
+
+
+def get_preset(name: str) -> SNACConfig:
+    try:
+        return PRESETS[name]
+    except KeyError:
+        raise ValueError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}") from None

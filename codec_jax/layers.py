@@ -1,0 +1,325 @@
+"""SNAC building blocks in flax.linen, channels-last: activations are `[batch, time, channels]`.
+
+Weight-normalised convolutions keep PyTorch's `weight_norm(dim=0)` parametrisation
+(`weight = magnitude * direction / ||direction||`, the norm taken over every axis but
+PyTorch's dim 0) so that checkpoints import one-to-one and training sees the same
+optimisation geometry as the reference. Parameters are stored in `param_dtype`
+(float32); arithmetic runs in `dtype` (float32 or bfloat16).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+from flax import linen as nn
+
+Dtype = Any
+Array = jax.Array
+
+
+def _torch_uniform_init(fan_in: int):
+    """PyTorch's default Conv/Linear init: U(-1/sqrt(fan_in), 1/sqrt(fan_in))."""
+    bound = 1.0 / math.sqrt(max(fan_in, 1))
+
+    def init(key, shape, dtype=jnp.float32):
+        return jax.random.uniform(key, shape, dtype, -bound, bound)
+
+    return init
+
+
+def weight_norm(direction: Array, magnitude: Array, norm_axes: Sequence[int], mag_axis: int) -> Array:
+    """`magnitude * direction / ||direction||` with the norm over `norm_axes` (float32).
+
+    `magnitude` has one entry per slice of `direction` along `mag_axis`.
+    """
+    direction = direction.astype(jnp.float32)
+    norm = jnp.sqrt(jnp.sum(jnp.square(direction), axis=tuple(norm_axes), keepdims=True))
+    shape = [1] * direction.ndim
+    shape[mag_axis] = -1
+    return direction * (magnitude.astype(jnp.float32).reshape(shape) / norm)
+
+
+class WNConv1d(nn.Module):
+    """Weight-normalised 1-D convolution with PyTorch's `Conv1d` semantics.
+
+    Parameters: `direction` `[kernel, in/groups, out]`, `magnitude` `[out]` (initialised to
+    the norm of the direction, as `torch.nn.utils.weight_norm` does), `bias` `[out]`.
+    Input `[batch, time, in]` -> `[batch, time', out]` with
+    `time' = (time + 2*padding - dilation*(kernel-1) - 1) // stride + 1`.
+    """
+
+    features: int
+    kernel_size: int
+    stride: int = 1
+    padding: int = 0
+    dilation: int = 1
+    groups: int = 1
+    use_bias: bool = True
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+    precision: Any = None
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        in_features = x.shape[-1]
+        if in_features % self.groups or self.features % self.groups:
+            raise ValueError(
+                f"{self.name}: channels in={in_features} out={self.features} "
+                f"not divisible by groups={self.groups}"
+            )
+        fan_in = in_features // self.groups * self.kernel_size
+        direction = self.param(
+            "direction",
+            _torch_uniform_init(fan_in),
+            (self.kernel_size, in_features // self.groups, self.features),
+            self.param_dtype,
+        )
+        magnitude = self.param(
+            "magnitude",
+            lambda _key: jnp.sqrt(jnp.sum(jnp.square(direction), axis=(0, 1))).astype(self.param_dtype),
+        )
+        kernel = weight_norm(direction, magnitude, norm_axes=(0, 1), mag_axis=2).astype(self.dtype)
+        y = jax.lax.conv_general_dilated(
+            x.astype(self.dtype),
+            kernel,
+            window_strides=(self.stride,),
+            padding=[(self.padding, self.padding)],
+            rhs_dilation=(self.dilation,),
+            dimension_numbers=("NWC", "WIO", "NWC"),
+            feature_group_count=self.groups,
+            precision=self.precision,
+        )
+        if self.use_bias:
+            bias = self.param("bias", _torch_uniform_init(fan_in), (self.features,), self.param_dtype)
+            y = y + bias.astype(self.dtype)
+        return y
+
+
+class WNConvTranspose1d(nn.Module):
+    """Weight-normalised transposed 1-D convolution with PyTorch's `ConvTranspose1d` semantics.
+
+    PyTorch stores the weight as `[in, out/groups, kernel]` and `weight_norm(dim=0)` gives it
+    one magnitude per *input* channel; we keep that: `direction` `[kernel, in, out/groups]`,
+    `magnitude` `[in]`, `bias` `[out]`. Output length is
+    `(time - 1)*stride - 2*padding + dilation*(kernel-1) + output_padding + 1`.
+    """
+
+    features: int
+    kernel_size: int
+    stride: int = 1
+    padding: int = 0
+    output_padding: int = 0
+    dilation: int = 1
+    groups: int = 1
+    use_bias: bool = True
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+    precision: Any = None
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        in_features = x.shape[-1]
+        g = self.groups
+        if in_features % g or self.features % g:
+            raise ValueError(f"{self.name}: channels not divisible by groups={g}")
+        # PyTorch computes fan_in of a transposed conv from weight.size(1) * kernel.
+        fan_in = self.features // g * self.kernel_size
+        direction = self.param(
+            "direction",
+            _torch_uniform_init(fan_in),
+            (self.kernel_size, in_features, self.features // g),
+            self.param_dtype,
+        )
+        magnitude = self.param(
+            "magnitude",
+            lambda _key: jnp.sqrt(jnp.sum(jnp.square(direction), axis=(0, 2))).astype(self.param_dtype),
+        )
+        w = weight_norm(direction, magnitude, norm_axes=(0, 2), mag_axis=1)  # [k, in, out/g]
+        # A transposed conv is a conv over the stride-dilated input with the kernel flipped in
+        # time and in/out swapped per group: kernel[k', i, g*out_g + j] = w[K-1-k', g*in_g + i, j].
+        k = self.kernel_size
+        in_g = in_features // g
+        w = w[::-1].reshape(k, g, in_g, self.features // g)
+        w = jnp.transpose(w, (0, 2, 1, 3)).reshape(k, in_g, self.features)
+        edge = self.dilation * (k - 1) - self.padding
+        y = jax.lax.conv_general_dilated(
+            x.astype(self.dtype),
+            w.astype(self.dtype),
+            window_strides=(1,),
+            padding=[(edge, edge + self.output_padding)],
+            lhs_dilation=(self.stride,),
+            rhs_dilation=(self.dilation,),
+            dimension_numbers=("NWC", "WIO", "NWC"),
+            feature_group_count=g,
+            precision=self.precision,
+        )
+        if self.use_bias:
+            bias = self.param("bias", _torch_uniform_init(fan_in), (self.features,), self.param_dtype)
+            y = y + bias.astype(self.dtype)
+        return y
+
+
+class Snake(nn.Module):
+    """Snake activation `x + sin(alpha*x)^2 / alpha` with a learned per-channel alpha `[channels]`."""
+
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        alpha = self.param("alpha", nn.initializers.ones, (x.shape[-1],), self.param_dtype)
+        alpha = alpha.astype(self.dtype)
+        x = x.astype(self.dtype)
+        # 1e-9 as in SNAC/DAC: keeps a zero alpha finite without changing trained models.
+        return x + jnp.reciprocal(alpha + 1e-9) * jnp.square(jnp.sin(alpha * x))
+
+
+class ResidualUnit(nn.Module):
+    """Snake -> dilated conv (k=7, depthwise when groups=dim) -> Snake -> 1x1 conv, plus skip."""
+
+    dilation: int = 1
+    kernel_size: int = 7
+    groups: int = 1
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+    precision: Any = None
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        dim = x.shape[-1]
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype, precision=self.precision)
+        pad = (self.kernel_size - 1) * self.dilation // 2
+        y = Snake(self.dtype, self.param_dtype, name="snake_1")(x)
+        y = WNConv1d(dim, self.kernel_size, dilation=self.dilation, padding=pad, groups=self.groups,
+                     name="conv_dilated", **kw)(y)
+        y = Snake(self.dtype, self.param_dtype, name="snake_2")(y)
+        y = WNConv1d(dim, 1, name="conv_pointwise", **kw)(y)
+        crop = (x.shape[1] - y.shape[1]) // 2
+        if crop > 0:
+            x = x[:, crop:-crop]
+        return x.astype(self.dtype) + y
+
+
+class EncoderBlock(nn.Module):
+    """Three residual units (dilations 1, 3, 9) on `in` channels, then a strided conv to `features`."""
+
+    features: int
+    stride: int
+    groups: int = 1
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+    precision: Any = None
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype, precision=self.precision)
+        for i, dilation in enumerate((1, 3, 9)):
+            x = ResidualUnit(dilation, groups=self.groups, name=f"res_unit_{i}", **kw)(x)
+        x = Snake(self.dtype, self.param_dtype, name="snake")(x)
+        return WNConv1d(self.features, 2 * self.stride, stride=self.stride,
+                        padding=math.ceil(self.stride / 2), name="conv_down", **kw)(x)
+
+
+class NoiseBlock(nn.Module):
+    """Adds `noise * W x`, noise `[batch, time, 1]` ~ N(0, 1) shared across channels (SNAC).
+
+    Noise is drawn from the `noise` rng stream; without that stream the block is the identity,
+    which makes decoding deterministic unless the caller asks for noise.
+    """
+
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+    precision: Any = None
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        linear = WNConv1d(x.shape[-1], 1, use_bias=False, dtype=self.dtype,
+                          param_dtype=self.param_dtype, precision=self.precision, name="linear")
+        if self.is_initializing():
+            linear(x)  # create the parameters even though init has no noise rng
+        if not self.has_rng("noise"):
+            return x
+        noise = jax.random.normal(self.make_rng("noise"), x.shape[:2] + (1,), jnp.float32)
+        return x + noise.astype(self.dtype) * linear(x)
+
+
+class DecoderBlock(nn.Module):
+    """Snake -> transposed conv (upsample by `stride`) -> [noise] -> three residual units."""
+
+    features: int
+    stride: int
+    noise: bool = False
+    groups: int = 1
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+    precision: Any = None
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype, precision=self.precision)
+        x = Snake(self.dtype, self.param_dtype, name="snake")(x)
+        x = WNConvTranspose1d(self.features, 2 * self.stride, stride=self.stride,
+                              padding=math.ceil(self.stride / 2), output_padding=self.stride % 2,
+                              name="conv_up", **kw)(x)
+        if self.noise:
+            x = NoiseBlock(name="noise", **kw)(x)
+        for i, dilation in enumerate((1, 3, 9)):
+            x = ResidualUnit(dilation, groups=self.groups, name=f"res_unit_{i}", **kw)(x)
+        return x
+
+
+def rotary_frequencies(seq_len: int, head_dim: int) -> Array:
+    """SNAC's rotary table `[seq_len, head_dim]`: positions times inverse frequencies, twice."""
+    inv_freq = 1.0 / (10000 ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
+    freqs = jnp.arange(seq_len, dtype=jnp.float32)[:, None] * inv_freq[None, :]
+    return jnp.concatenate([freqs, freqs], axis=-1)
+
+
+def _rotate_half(x: Array) -> Array:
+    x1, x2 = jnp.split(x, 2, axis=-1)
+    return jnp.concatenate([-x2, x1], axis=-1)
+
+
+class LocalMHA(nn.Module):
+    """Pre-norm multi-head self-attention within non-overlapping windows, plus residual.
+
+    Input `[batch, time, dim]` with `time` a multiple of `window_size`; heads of 64 channels;
+    rotary position embeddings restart at every window (SNAC's `LocalMHA`).
+    """
+
+    window_size: int
+    head_dim: int = 64
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+    precision: Any = None
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        batch, time, dim = x.shape
+        if time % self.window_size:
+            raise ValueError(
+                f"LocalMHA: time={time} is not a multiple of the window {self.window_size}; "
+                "pad the audio as SNACConfig.pad_multiple says"
+            )
+        heads = dim // self.head_dim
+        dense = dict(use_bias=False, dtype=self.dtype, param_dtype=self.param_dtype,
+                     precision=self.precision)
+        h = nn.LayerNorm(epsilon=1e-5, dtype=jnp.float32, param_dtype=self.param_dtype, name="norm")(
+            x.astype(jnp.float32)
+        )
+        qkv = nn.Dense(3 * dim, name="to_qkv", **dense)(h.astype(self.dtype))
+        windows = time // self.window_size
+        # [batch, time, 3*dim] -> 3 x [batch*windows, window, heads, head_dim]
+        qkv = qkv.reshape(batch * windows, self.window_size, 3, heads, self.head_dim)
+        q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+        freqs = rotary_frequencies(self.window_size, self.head_dim)[None, :, None, :]
+        cos, sin = jnp.cos(freqs).astype(self.dtype), jnp.sin(freqs).astype(self.dtype)
+        q = q * cos + _rotate_half(q) * sin
+        k = k * cos + _rotate_half(k) * sin
+        out = jax.nn.dot_product_attention(q, k, v)
+        out = out.reshape(batch, time, dim)
+        out = nn.Dense(dim, name="to_out", **dense)(out)
+        return out + x.astype(self.dtype)
