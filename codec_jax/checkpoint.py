@@ -71,7 +71,7 @@ def _rebuild_tensor_v2(storage, storage_offset, size, stride, requires_grad=Fals
     itemsize = flat.dtype.itemsize
     size, stride = tuple(size), tuple(stride)
     if not size:
-        return flat[storage_offset].copy()
+        return np.array(flat[storage_offset])
     needed = storage_offset + sum((n - 1) * s for n, s in zip(size, stride)) + 1
     if min(size) > 0 and needed > flat.size:
         raise pickle.UnpicklingError("tensor view runs past the end of its storage")

@@ -1,0 +1,126 @@
+"""Checkpoint import: no code execution, clear errors, orbax round trip."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import pickle
+import zipfile
+
+import numpy as np
+import pytest
+import torch
+
+import codec_jax
+from codec_jax import checkpoint
+
+
+class _Exploit:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def _write_torch_zip(path, payload_pickle: bytes):
+    with zipfile.ZipFile(path, "w") as z:
+        z.writestr("archive/data.pkl", payload_pickle)
+        z.writestr("archive/version", "3\n")
+        z.writestr("archive/byteorder", "little")
+
+
+def _tiny_dir(tmp_path, name="m"):
+    config = codec_jax.get_preset("tiny")
+    torch.manual_seed(0)
+    from snac import SNAC
+
+    model = SNAC(**config.to_dict())
+    d = tmp_path / name
+    d.mkdir()
+    (d / "config.json").write_text(json.dumps(config.to_dict()))
+    return config, model, d
+
+
+def test_malicious_pickle_is_refused_and_never_runs(tmp_path):
+    marker = tmp_path / "pwned"
+    config, _, d = _tiny_dir(tmp_path)
+    _write_torch_zip(d / "pytorch_model.bin", pickle.dumps({"x": _Exploit(str(marker))}, protocol=2))
+    # Sanity: the payload really would run if loaded by an unrestricted unpickler.
+    with zipfile.ZipFile(d / "pytorch_model.bin") as z:
+        raw = z.read("archive/data.pkl")
+    assert b"system" in raw
+    with pytest.raises(codec_jax.UnsafeCheckpointError, match=r"posix\.system|os\.system"):
+        codec_jax.load_pretrained(str(d))
+    assert not marker.exists()
+
+
+def test_malicious_pickle_inside_real_torch_archive(tmp_path):
+    """A genuine torch.save archive whose state dict also smuggles a callable."""
+    marker = tmp_path / "pwned2"
+    config, model, d = _tiny_dir(tmp_path)
+    state = dict(model.state_dict())
+    state["evil"] = _Exploit(str(marker))
+    torch.save(state, d / "pytorch_model.bin")
+    with pytest.raises(codec_jax.UnsafeCheckpointError):
+        checkpoint.load_torch_state_dict(d / "pytorch_model.bin")
+    assert not marker.exists()
+
+
+def test_reads_torch_archive_exactly(tmp_path):
+    tensors = {
+        "a": torch.randn(3, 4, 5),
+        "b": torch.randn(6, 7).t(),  # non-contiguous view
+        "c": torch.arange(10, dtype=torch.int64)[2:8],  # storage offset
+        "d": torch.randn(4).to(torch.bfloat16),
+        "e": torch.tensor(3.5),
+    }
+    torch.save(tensors, tmp_path / "t.bin")
+    loaded = checkpoint.load_torch_state_dict(tmp_path / "t.bin")
+    for k, v in tensors.items():
+        np.testing.assert_array_equal(loaded[k].astype(np.float64), v.float().numpy().astype(np.float64))
+        assert loaded[k].shape == tuple(v.shape)
+
+
+def test_corrupt_and_missing_files_give_clear_errors(tmp_path):
+    config, model, d = _tiny_dir(tmp_path)
+    with pytest.raises(FileNotFoundError, match="pytorch_model.bin"):
+        codec_jax.load_pretrained(str(d))
+    (d / "pytorch_model.bin").write_bytes(b"\x80\x02garbage")
+    with pytest.raises(ValueError, match="not a torch zip archive"):
+        codec_jax.load_pretrained(str(d))
+    (d / "config.json").write_text("{not json")
+    with pytest.raises(ValueError, match="not valid JSON"):
+        codec_jax.load_pretrained(str(d))
+    (d / "config.json").write_text(json.dumps({"sampling_rate": 1, "bogus": 2}))
+    with pytest.raises(ValueError, match="bogus"):
+        codec_jax.load_pretrained(str(d))
+    with pytest.raises(FileNotFoundError):
+        codec_jax.load_pretrained(str(tmp_path / "nope"))
+
+
+def test_mismatched_state_dict_names_every_problem(tmp_path):
+    config, model, d = _tiny_dir(tmp_path)
+    state = {k: v.numpy() for k, v in model.state_dict().items()}
+    del state["encoder.block.0.bias"]
+    state["encoder.block.99.weight"] = np.zeros(3, np.float32)
+    state["quantizer.quantizers.0.codebook.weight"] = np.zeros((5, 4), np.float32)
+    with pytest.raises(codec_jax.CheckpointMismatchError) as info:
+        checkpoint.state_dict_to_params(state, config)
+    message = str(info.value)
+    assert "encoder.block.0.bias" in message
+    assert "encoder.block.99.weight" in message
+    assert "quantizer/level_0/codebook" in message
+
+
+def test_orbax_round_trip(tmp_path):
+    codec = codec_jax.load_pretrained("tiny")
+    codec.save(tmp_path / "saved")
+    again = codec_jax.load_pretrained(str(tmp_path / "saved"))
+    assert again.config == codec.config
+    leaves_a = [np.asarray(x) for x in __import__("jax").tree_util.tree_leaves(codec.variables)]
+    leaves_b = [np.asarray(x) for x in __import__("jax").tree_util.tree_leaves(again.variables)]
+    assert len(leaves_a) == len(leaves_b)
+    for a, b in zip(leaves_a, leaves_b):
+        np.testing.assert_array_equal(a, b)
