@@ -1,0 +1,182 @@
+"""Audio file discovery, decoding, resampling and PCM conversion.
+
+Everything here is plain numpy + soundfile + soxr so that it can run in the
+dataset-building worker processes without importing JAX or TFDS.
+
+Conventions:
+  * audio arrays are `[samples, channels]` (soundfile's layout);
+  * float audio is in [-1, 1) with the same int16 <-> float scale soundfile
+    uses (1/32768), so `pcm16_to_float(file read as int16)` equals
+    `soundfile.read(file, dtype="float32")` bit for bit.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Iterator, Sequence
+
+import numpy as np
+import soundfile as sf
+import soxr
+
+# Extensions libsndfile (>= 1.1, the one bundled with soundfile wheels) decodes.
+# Matching is case-insensitive. .opus is Ogg/Opus, which libsndfile reads too.
+AUDIO_EXTENSIONS: tuple[str, ...] = (
+    ".wav", ".flac", ".ogg", ".oga", ".opus", ".mp3", ".aif", ".aiff",
+)
+
+_PCM16_SCALE = 32768.0
+
+
+class AudioReadError(Exception):
+    """A file that cannot be used as training audio; `reason` is one short line."""
+
+    def __init__(self, path: str, reason: str):
+        super().__init__(f"{path}: {reason}")
+        self.path = path
+        self.reason = reason
+
+
+@dataclasses.dataclass(frozen=True)
+class DecodedAudio:
+    """One decoded (and possibly resampled) file.
+
+    Attributes:
+      pcm: int16 `[samples, channels]`, at `sample_rate`.
+      sample_rate: rate of `pcm` (the target rate after resampling).
+      original_sample_rate: rate stored in the source file.
+    """
+
+    pcm: np.ndarray
+    sample_rate: int
+    original_sample_rate: int
+
+    @property
+    def channels(self) -> int:
+        return int(self.pcm.shape[1])
+
+    @property
+    def duration(self) -> float:
+        return self.pcm.shape[0] / self.sample_rate
+
+
+def find_audio_files(
+    root: str | os.PathLike, extensions: Sequence[str] = AUDIO_EXTENSIONS
+) -> list[str]:
+    """All audio files under `root` (recursive), as sorted paths relative to root.
+
+    Sorting makes the file list, hence keys and splits, independent of the
+    directory enumeration order of the filesystem.
+    """
+    root = os.fspath(root)
+    if not os.path.isdir(root):
+        raise FileNotFoundError(f"audio folder {root!r} does not exist or is not a directory")
+    exts = tuple(e.lower() for e in extensions)
+    found = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        # Hidden folders are editor/OS clutter (.git, .Trash); skip them.
+        dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+        for fn in filenames:
+            if fn.startswith("."):  # e.g. macOS "._foo.wav" resource forks
+                continue
+            if fn.lower().endswith(exts):
+                found.append(os.path.relpath(os.path.join(dirpath, fn), root))
+    return sorted(found)
+
+
+def float_to_pcm16(x: np.ndarray) -> np.ndarray:
+    """float `[..]` in [-1, 1) -> int16 with rounding and clipping."""
+    y = np.rint(np.asarray(x, np.float32) * _PCM16_SCALE)
+    return np.clip(y, -32768, 32767).astype(np.int16)
+
+
+def pcm16_to_float(x: np.ndarray) -> np.ndarray:
+    """int16 `[..]` -> float32 in [-1, 1) (soundfile's scale)."""
+    return np.asarray(x, np.int16).astype(np.float32) * np.float32(1.0 / _PCM16_SCALE)
+
+
+def resample(x: np.ndarray, in_rate: int, out_rate: int, quality: str = "HQ") -> np.ndarray:
+    """Resamples float `[samples, channels]` (or `[samples]`) with soxr."""
+    if in_rate == out_rate:
+        return x
+    return soxr.resample(np.ascontiguousarray(x, np.float32), in_rate, out_rate, quality=quality)
+
+
+def read_audio(
+    path: str,
+    *,
+    target_sample_rate: int | None,
+    min_seconds: float = 0.0,
+    resample_quality: str = "HQ",
+) -> DecodedAudio:
+    """Decodes one file to int16 `[samples, channels]` at `target_sample_rate`.
+
+    Args:
+      path: file to read (anything libsndfile decodes).
+      target_sample_rate: output rate; None keeps the file's own rate.
+      min_seconds: files shorter than this (after decoding) are rejected.
+      resample_quality: soxr quality ("QQ", "LQ", "MQ", "HQ", "VHQ").
+
+    Raises:
+      AudioReadError: unreadable, empty, non-finite or too short; the message
+        says which, so that a build report can name it.
+    """
+    try:
+        info = sf.info(path)
+    except Exception as e:  # soundfile raises LibsndfileError/RuntimeError/TypeError
+        raise AudioReadError(path, f"unreadable ({_one_line(e)})") from None
+    if info.frames == 0 or info.channels == 0:
+        raise AudioReadError(path, "empty (0 samples)")
+    rate = int(info.samplerate)
+    out_rate = rate if target_sample_rate is None else int(target_sample_rate)
+    # 16-bit PCM at the target rate is copied verbatim (no float round trip),
+    # so stored samples are exactly the file's samples.
+    exact = info.subtype == "PCM_16" and rate == out_rate
+    try:
+        data, _ = sf.read(path, dtype="int16" if exact else "float32", always_2d=True)
+    except Exception as e:
+        raise AudioReadError(path, f"corrupt ({_one_line(e)})") from None
+    if data.shape[0] == 0:
+        raise AudioReadError(path, "empty (0 samples decoded)")
+    if exact:
+        pcm = np.ascontiguousarray(data)
+    else:
+        if not np.all(np.isfinite(data)):
+            raise AudioReadError(path, "corrupt (non-finite samples)")
+        data = resample(data, rate, out_rate, quality=resample_quality)
+        if data.ndim == 1:
+            data = data[:, None]
+        pcm = float_to_pcm16(data)
+    if pcm.shape[0] == 0:
+        raise AudioReadError(path, "empty after resampling")
+    if pcm.shape[0] < min_seconds * out_rate:
+        raise AudioReadError(
+            path, f"too short ({pcm.shape[0] / out_rate:.3f} s < {min_seconds} s)"
+        )
+    return DecodedAudio(pcm=pcm, sample_rate=out_rate, original_sample_rate=rate)
+
+
+def chunk_bounds(num_samples: int, max_chunk_samples: int | None) -> list[tuple[int, int]]:
+    """Splits `[0, num_samples)` into near-equal chunks of <= max_chunk_samples.
+
+    Equal chunks (rather than full chunks plus a short tail) keep every chunk
+    long enough to crop from. None or 0 means one chunk.
+    """
+    if not max_chunk_samples or num_samples <= max_chunk_samples:
+        return [(0, num_samples)]
+    n = -(-num_samples // max_chunk_samples)  # ceil
+    edges = [round(i * num_samples / n) for i in range(n + 1)]
+    return list(zip(edges[:-1], edges[1:]))
+
+
+def iter_chunks(audio: DecodedAudio, max_chunk_seconds: float | None) -> Iterator[tuple[int, np.ndarray]]:
+    """Yields `(start_sample, pcm[start:end])` chunks of a decoded file."""
+    max_samples = int(round(max_chunk_seconds * audio.sample_rate)) if max_chunk_seconds else None
+    for start, end in chunk_bounds(audio.pcm.shape[0], max_samples):
+        yield start, audio.pcm[start:end]
+
+
+def _one_line(e: BaseException) -> str:
+    text = " ".join(str(e).split()) or type(e).__name__
+    return text[:200]
