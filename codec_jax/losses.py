@@ -426,6 +426,9 @@ class Balancer:
       per_batch_item: measure norms per batch item (over all non-batch axes) and
         average, rather than over the whole batch gradient.
       epsilon: added to the norm before dividing.
+
+    Under ``jit`` with a batch-sharded output the norms are already global batch
+    means, which is what EnCodec's cross-worker ``average_metrics`` computes.
     """
 
     weights: Mapping[str, float]

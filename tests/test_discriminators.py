@@ -376,6 +376,12 @@ def test_bf16_compute_with_f32_params(tiny_setup):
     grads = jax.tree_util.tree_leaves(param_grads)
     assert all(g.dtype == jnp.float32 and np.all(np.isfinite(g)) for g in grads)
     assert float(jnp.abs(input_grad.astype(jnp.float32)).sum()) > 0.0
+    # The losses accept bf16 feature maps and reduce them in float32.
+    generator_loss = losses.generator_adversarial_loss(outputs)
+    assert generator_loss.dtype == jnp.float32
+    assert float(generator_loss) == pytest.approx(float(losses.generator_adversarial_loss(reference)), rel=0.05)
+    assert float(losses.feature_matching_loss(outputs, outputs)) == 0.0
+    assert float(losses.feature_matching_loss(reference, outputs)) > 0.0
 
 
 def test_weight_norm_conv_init_and_parametrisation():
