@@ -138,7 +138,7 @@ def split_files(files: Sequence[str], validation_fraction: float) -> tuple[list[
         n_val = min(max(n_val, 1), n - 1)
     by_hash = sorted(files, key=lambda p: hashlib.sha1(p.encode("utf-8")).hexdigest())
     val = set(by_hash[:n_val])
-    return [f for f in files if f not in val], sorted(val)
+    return sorted(f for f in files if f not in val), sorted(val)
 
 
 def _decode_file_task(args: tuple) -> tuple[str, list[dict] | None, str | None]:
@@ -457,8 +457,7 @@ class _OrderedPool:
                     self._pool.shutdown(wait=False, cancel_futures=True)
                     retry = [task] + [t for t, _ in pending]
                     pending.clear()
-                    for t in retry:
-                        yield _run_isolated(fn, t, self._ctx)
+                    yield from _run_one_at_a_time(fn, retry, self._ctx)
                     self._pool = cf.ProcessPoolExecutor(self._num_workers, mp_context=self._ctx)
         finally:
             for _, fut in pending:  # interrupted (error, Ctrl-C): drop queued work
@@ -468,12 +467,21 @@ class _OrderedPool:
         self._pool.shutdown(wait=True, cancel_futures=True)
 
 
-def _run_isolated(fn, task: tuple, ctx) -> tuple:
-    with cf.ProcessPoolExecutor(1, mp_context=ctx) as one:
-        try:
-            return one.submit(fn, task).result()
-        except cf.process.BrokenProcessPool:
-            return task[1], None, "decoder crashed (worker process died)"
+def _run_one_at_a_time(fn, tasks: Sequence[tuple], ctx) -> Iterator[tuple]:
+    """Runs tasks in order in a one-process pool, so that a task that kills the
+    process is identified (it was the only one running) and reported as a skip;
+    the pool is replaced only after such a crash."""
+    pool = cf.ProcessPoolExecutor(1, mp_context=ctx)
+    try:
+        for t in tasks:
+            try:
+                yield pool.submit(fn, t).result()
+            except cf.process.BrokenProcessPool:
+                pool.shutdown(wait=False, cancel_futures=True)
+                pool = cf.ProcessPoolExecutor(1, mp_context=ctx)
+                yield t[1], None, "decoder crashed (worker process died)"
+    finally:
+        pool.shutdown(wait=False, cancel_futures=True)
 
 
 def _fmt_s(s: float) -> str:
