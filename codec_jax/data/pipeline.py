@@ -141,11 +141,18 @@ def open_tfds_source(name: str, data_dir: str | None = None, split: str = "train
 
 
 class _AttachIndex:
-    """Records the element's index in its source (before sharding/shuffling)."""
+    """Records the element's index in its source (before sharding/shuffling).
+
+    Repeated datasets pass indices past the end (epoch * length + i); the
+    source wraps them, so the record index is taken modulo the length too.
+    """
+
+    def __init__(self, length: int):
+        self.length = length
 
     def __call__(self, index: int, record: dict) -> dict:
         record = dict(record)
-        record["_record_index"] = index
+        record["_record_index"] = index % self.length
         return record
 
 
@@ -162,7 +169,7 @@ def _source_dataset(
             seed=int(spec.get("seed", _derive_seed(seed, _TRAIN_STREAM if train else _EVAL_STREAM))),
             kinds=tuple(spec.get("kinds", cfg.synthetic_kinds)),
         )
-        ds = grain.MapDataset.source(src).map_with_index(_AttachIndex())
+        ds = grain.MapDataset.source(src).map_with_index(_AttachIndex(len(src)))
         # Already random by index: sharding by index gives each process its own signals.
         return ds[process_index::process_count], cfg.sample_rate
     if kind == "tfds":
@@ -176,7 +183,7 @@ def _source_dataset(
                 f"TFDS dataset {spec['name']!r} split {split!r} has {n} records, fewer than "
                 f"{process_count} processes: some processes would get no data"
             )
-        ds = grain.MapDataset.source(src).map_with_index(_AttachIndex())
+        ds = grain.MapDataset.source(src).map_with_index(_AttachIndex(n))
         # Records (not crops) are split between processes: disjoint and
         # deterministic, no coordination needed.
         ds = ds[process_index::process_count]
