@@ -1,0 +1,92 @@
+"""Resumable training checkpoints: orbax `CheckpointManager` over the train state and
+the data iterator position.
+
+Each checkpoint `workdir/checkpoints/<step>/` holds two items:
+
+* `state`: the whole `TrainState` (both models, both optimizer states, codebook
+  statistics, balancer, rng, step, skip counters), written by every process for its
+  own shards (`StandardSave`) and read back against an *abstract* target that carries
+  the shardings of the current mesh, so a run can resume on a different mesh;
+* `data`: the grain iterator state of every process (`process_<i>-of-<n>.json`).
+
+Saving is asynchronous (the step loop continues while the arrays are written); a
+checkpoint only appears in `all_steps()` once finalised, so a run killed mid-save
+resumes from the previous one.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any, Optional
+
+import grain
+import orbax.checkpoint as ocp
+
+log = logging.getLogger(__name__)
+
+
+class TrainCheckpointer:
+    """Save/restore `(state, data iterator)` pairs under `directory`."""
+
+    def __init__(self, directory: str, *, keep: int = 3, async_save: bool = True):
+        self.directory = os.path.abspath(directory)
+        options = ocp.CheckpointManagerOptions(
+            max_to_keep=int(keep) if keep and keep > 0 else None,
+            enable_async_checkpointing=bool(async_save),
+            create=True,
+        )
+        self.manager = ocp.CheckpointManager(self.directory, options=options)
+
+    def latest_step(self) -> Optional[int]:
+        return self.manager.latest_step()
+
+    def all_steps(self) -> list[int]:
+        return list(self.manager.all_steps())
+
+    def save(self, step: int, state: Any, data_iterator: Any, *, force: bool = False) -> bool:
+        """Start writing checkpoint `step`; returns False if it already exists.
+
+        The iterator state is captured now, synchronously, so it matches `state` even
+        though the arrays are written in the background.
+        """
+        if step in self.manager.all_steps():
+            return False
+        args = ocp.args.Composite(
+            state=ocp.args.StandardSave(state),
+            data=grain.checkpoint.CheckpointSave(data_iterator),
+        )
+        return self.manager.save(step, args=args, force=force)
+
+    def restore(self, step: int, abstract_state: Any, data_iterator: Any) -> Any:
+        """Restore checkpoint `step` into `abstract_state`'s shapes, dtypes and shardings
+        (leaves: `jax.ShapeDtypeStruct(..., sharding=...)`), and move `data_iterator` to
+        the saved position. Returns the state."""
+        args = ocp.args.Composite(
+            state=ocp.args.StandardRestore(abstract_state),
+            data=grain.checkpoint.CheckpointRestore(data_iterator),
+        )
+        return self.manager.restore(step, args=args).state
+
+    def restore_latest(self, abstract_state: Any, data_iterator: Any
+                       ) -> tuple[Optional[Any], Optional[int]]:
+        """Restore the newest checkpoint that reads back, newest first.
+
+        A checkpoint that fails to restore (e.g. files lost from a bucket) is reported
+        and the previous one is tried. Returns `(None, None)` if there is none.
+        """
+        for step in sorted(self.manager.all_steps(), reverse=True):
+            try:
+                return self.restore(step, abstract_state, data_iterator), step
+            except (FileNotFoundError, ValueError, OSError, KeyError) as e:
+                log.warning("checkpoint %d in %s could not be restored (%s: %s); "
+                            "trying an older one", step, self.directory, type(e).__name__, e)
+        return None, None
+
+    def wait(self) -> None:
+        """Block until pending asynchronous saves are on disk."""
+        self.manager.wait_until_finished()
+
+    def close(self) -> None:
+        self.manager.wait_until_finished()
+        self.manager.close()
