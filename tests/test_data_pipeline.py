@@ -277,5 +277,11 @@ def test_clear_errors(data_dir):
     with pytest.raises(ValueError, match="fewer than"):
         pipeline.create_train_iterator(_cfg(data_dir, "pipe_stereo"), global_batch_size=4, seed=0,
                                        process_index=0, process_count=2)
+    # A source of pure silence raises instead of spinning forever.
+    silent = _cfg(data_dir, "pipe_special", crop_seconds=0.1, silence_threshold_db=-10.0)
+    it = pipeline.create_train_iterator(silent, global_batch_size=4, seed=0)
+    with pytest.raises(ValueError, match="near-silent"):
+        next(it)
+    it.close()
     with pytest.raises(ValueError, match="channel_mode"):
         pipeline.create_train_iterator(_cfg(channel_mode="left"), global_batch_size=2, seed=0)

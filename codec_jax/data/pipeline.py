@@ -323,7 +323,15 @@ class PipelineIterator(grain.DatasetIterator):
     def __next__(self) -> dict[str, np.ndarray]:
         if self._closed:
             raise ValueError("the data iterator was closed")
-        batch = next(self._parent)
+        try:
+            batch = next(self._parent)
+        except ValueError as e:
+            if "_crop_was_kept" not in str(e):
+                raise
+            raise ValueError(
+                "almost every crop was near-silent and skipped (grain's filter check: "
+                f"{e}). A source is (nearly) all silence, or silence_threshold_db is too high."
+            ) from e
         return {k: v if type(v) is np.ndarray else np.array(v) for k, v in batch.items()}
 
     def get_state(self) -> dict[str, Any]:
@@ -364,7 +372,7 @@ def _close_open_iterators() -> None:
             pass
 
 
-def _is_not_none(x) -> bool:
+def _crop_was_kept(x) -> bool:
     return x is not None
 
 
@@ -482,7 +490,7 @@ def _batched(ds: grain.MapDataset, cfg, batch_size: int, *, num_workers: int) ->
         num_threads=max(int(cfg.read_threads), 1),
         prefetch_buffer_size=max(2 * batch_size, 16),
     )
-    it_ds = ds.to_iter_dataset(read, allow_nones=True).filter(_is_not_none)
+    it_ds = ds.to_iter_dataset(read, allow_nones=True).filter(_crop_was_kept)
     # Dropped crops are expected (near-silent records); a source that is
     # almost all silence is a data problem, so fail loudly instead of spinning.
     it_ds = grain.experimental.WithOptionsIterDataset(

@@ -47,8 +47,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--sample-rate", type=int, default=24000, help="target rate in Hz (default 24000)")
     p.add_argument("--validation-fraction", type=float, default=0.02,
                    help="share of files put in the validation split (default 0.02; 0 = train only)")
-    p.add_argument("--max-chunk-seconds", type=float, default=10.0,
-                   help="cut longer files into chunks of at most this length (default 10; 0 = never)")
+    p.add_argument("--max-chunk-seconds", type=float, default=5.0,
+                   help="cut longer files into near-equal chunks of at most this length; training "
+                        "crops come from one chunk, so keep it >= the crop length (default 5; 0 = never)")
     p.add_argument("--min-seconds", type=float, default=0.1,
                    help="skip files shorter than this (default 0.1)")
     p.add_argument("--workers", type=int, default=max(1, (os.cpu_count() or 1)),
@@ -71,6 +72,11 @@ def main(argv: list[str]) -> int:
     from codec_jax.data import folder_builder
 
     log = (lambda msg: None) if args.quiet else folder_builder.print_progress
+    # TFDS's tqdm bars count examples per split and interleave badly with the
+    # file-level progress lines printed here.
+    import tensorflow_datasets as tfds
+
+    tfds.disable_progress_bar()
     data_dir = os.path.abspath(os.path.expanduser(args.data_dir or default_data_dir()))
     try:
         folder_builder.validate_dataset_name(args.name)
@@ -119,7 +125,7 @@ def prepare_folder(
     data_dir: str,
     sample_rate: int = 24000,
     validation_fraction: float = 0.02,
-    max_chunk_seconds: float | None = 10.0,
+    max_chunk_seconds: float | None = 5.0,
     min_seconds: float = 0.1,
     num_workers: int = 0,
     resample_quality: str = "HQ",
