@@ -14,7 +14,7 @@ from flax import linen as nn
 
 from codec_jax.config import SNACConfig
 from codec_jax.layers import DecoderBlock, EncoderBlock, LocalMHA, Snake, WNConv1d
-from codec_jax.quantizer import ResidualVQ
+from codec_jax.quantizer import QuantizerConfig, ResidualVQ
 
 Array = jax.Array
 Dtype = Any
@@ -92,7 +92,8 @@ def check_audio(audio: Array) -> None:
 
 
 class SNAC(nn.Module):
-    """The full codec. Parameters live in the `params` collection.
+    """The full codec. Parameters live in the `params` collection; with
+    `quantizer.kind == "ema"` the codebooks live in the `"codebook"` collection.
 
     `dtype` is the compute dtype (float32 or bfloat16); parameters stay in `param_dtype`.
     The quantizer's nearest-code search always runs in float32.
@@ -102,13 +103,16 @@ class SNAC(nn.Module):
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
     precision: Any = None
+    quantizer: QuantizerConfig = QuantizerConfig()
 
     def setup(self):
         c = self.config
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype, precision=self.precision)
         self.encoder = Encoder(c, **kw)
-        self.quantizer = ResidualVQ(c.latent_channels, c.codebook_size, c.codebook_dim,
-                                    c.vq_strides, **kw)
+        # The scope keeps SNAC's name `quantizer` (checkpoint layout) while the attribute of
+        # that name is the QuantizerConfig.
+        self.rvq = ResidualVQ(c.latent_channels, c.codebook_size, c.codebook_dim, c.vq_strides,
+                              config=self.quantizer, name="quantizer", **kw)
         self.decoder = Decoder(c, **kw)
 
     def encode_latents(self, audio: Array) -> Array:
@@ -117,24 +121,32 @@ class SNAC(nn.Module):
         x = pad_audio(audio, self.config)[..., None]
         return self.encoder(x)
 
-    def __call__(self, audio: Array, n_levels: Optional[int] = None) -> dict[str, Any]:
+    def __call__(self, audio: Array, *, train: bool = False,
+                 n_levels: Optional[int] = None) -> dict[str, Any]:
         """Encode, quantize, decode. audio `[batch, samples]` -> dict with `audio`
-        `[batch, samples]` (trimmed to the input length), `codes`, `latents`, `z_q` and the
-        quantizer's per-level `commitment_loss` / `codebook_loss` (`[batch]` each)."""
+        `[batch, samples]` (trimmed to the input length), `latents` and `z_q`
+        `[batch, frames, latent_channels]`, and the quantizer's outputs: `codes` (list of
+        int32 `[batch, frames_level]`, coarse first), per-level `commitment_loss` /
+        `codebook_loss` (lists of `[batch]`), `quantizer_metrics` (`perplexity`, `usage`,
+        `dead_codes`, each `[levels]`) and `levels_used` `[batch]`.
+
+        `train=True` applies quantizer dropout and updates ema codebooks (pass
+        `rngs={"quantizer": key}` and `mutable=["codebook"]`); `n_levels` limits the levels.
+        """
         length = audio.shape[-1]
         z = self.encode_latents(audio)
-        q = self.quantizer(z, n_levels=n_levels)
+        q = self.rvq(z, n_levels=n_levels, train=train)
         audio_hat = self.decoder(q["z_q"])[..., 0]
         return dict(q, audio=audio_hat[:, :length], latents=z)
 
     def encode(self, audio: Array, n_levels: Optional[int] = None) -> list[Array]:
         """audio `[batch, samples]` -> codes: int32 `[batch, frames_level]` per level, coarse first."""
-        return self.quantizer(self.encode_latents(audio), n_levels=n_levels)["codes"]
+        return self.rvq(self.encode_latents(audio), n_levels=n_levels)["codes"]
 
     def decode(self, codes: Sequence[Array], length: Optional[int] = None) -> Array:
         """codes (all levels or a coarse-first prefix) -> audio `[batch, samples]`.
 
         `length` trims SNAC's right padding; noise is sampled only if a `noise` rng is given.
         """
-        audio = self.decoder(self.quantizer.decode(codes))[..., 0]
+        audio = self.decoder(self.rvq.decode(codes))[..., 0]
         return audio if length is None else audio[:, :length]
