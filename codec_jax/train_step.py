@@ -1,0 +1,307 @@
+"""The GAN train step and the eval step: pure functions over `TrainState`.
+
+One generator forward per step (DAC runs it twice):
+
+1. `jax.vjp` of the generator at the current parameters gives the reconstruction,
+   the quantizer losses and a VJP closure that keeps the forward's residuals.
+2. The discriminator is updated on `stop_gradient(reconstruction)` and the real audio.
+3. The generator losses (mel, adversarial and feature matching against the *updated*
+   discriminator, as in DAC's loop, plus optional MR-STFT / waveform L1) are
+   differentiated with respect to the reconstruction only, optionally through the
+   EnCodec balancer, and that cotangent is pulled back through the saved VJP together
+   with the quantizer-loss weights. The generator is never run forward a second time.
+
+If any loss or gradient norm is non-finite the whole update is dropped: parameters,
+optimizer states, codebook statistics and the balancer keep their old values, and the
+skip is counted.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, Mapping, Optional
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+
+from codec_jax import losses as L
+from codec_jax import optim
+from codec_jax.train_models import GeneratorAdapter
+from codec_jax.train_state import TrainState, step_key
+
+Metrics = dict[str, jax.Array]
+
+# Generator losses computed from the reconstruction, in the order they are reported.
+RECON_LOSSES = ("mel", "stft", "waveform", "adversarial", "feature_matching")
+QUANTIZER_LOSSES = ("commitment", "codebook")
+
+
+@dataclasses.dataclass(frozen=True)
+class LossSettings:
+    """The loss section of the config, resolved into hashable Python values."""
+
+    sample_rate: int
+    weights: tuple[tuple[str, float], ...]
+    gan_kind: str = "least_squares"
+    reduction: str = "sum"
+    mel_window_lengths: tuple[int, ...] = L.DAC_MEL_WINDOW_LENGTHS
+    mel_n_mels: tuple[int, ...] = L.DAC_MEL_N_MELS
+    mel_window: str = "hann"
+    mel_fmin: float = 0.0
+    mel_fmax: Optional[float] = None
+    stft_fft_sizes: tuple[int, ...] = L.DAC_STFT_WINDOW_LENGTHS
+    balancer: bool = False
+    balancer_total_norm: float = 1.0
+    balancer_ema_decay: float = 0.999
+
+    @classmethod
+    def from_config(cls, cfg: ml_collections.ConfigDict, sample_rate: int) -> "LossSettings":
+        weights = {k: float(v) for k, v in cfg.weights.items()}
+        unknown = sorted(set(weights) - set(RECON_LOSSES) - set(QUANTIZER_LOSSES))
+        if unknown:
+            raise ValueError(f"unknown loss weights {unknown}; known: "
+                             f"{list(RECON_LOSSES + QUANTIZER_LOSSES)}")
+        return cls(
+            sample_rate=int(sample_rate),
+            weights=tuple(sorted(weights.items())),
+            gan_kind=str(cfg.gan_kind),
+            reduction=str(cfg.reduction),
+            mel_window_lengths=tuple(int(x) for x in cfg.mel.window_lengths),
+            mel_n_mels=tuple(int(x) for x in cfg.mel.n_mels),
+            mel_window=str(cfg.mel.window),
+            mel_fmin=float(cfg.mel.fmin),
+            mel_fmax=None if cfg.mel.fmax is None else float(cfg.mel.fmax),
+            stft_fft_sizes=tuple(int(x) for x in cfg.stft.fft_sizes),
+            balancer=bool(cfg.balancer.enabled),
+            balancer_total_norm=float(cfg.balancer.total_norm),
+            balancer_ema_decay=float(cfg.balancer.ema_decay),
+        )
+
+    @property
+    def weight(self) -> dict[str, float]:
+        return dict(self.weights)
+
+    def active_recon_losses(self) -> tuple[str, ...]:
+        """Reconstruction losses with a non-zero weight (the others are not computed)."""
+        w = self.weight
+        return tuple(name for name in RECON_LOSSES if w.get(name, 0.0) != 0.0)
+
+    def make_balancer(self) -> Optional[L.Balancer]:
+        if not self.balancer:
+            return None
+        return L.Balancer(weights={k: self.weight[k] for k in self.active_recon_losses()},
+                          total_norm=self.balancer_total_norm, ema_decay=self.balancer_ema_decay)
+
+    def mel_loss(self, prediction: jax.Array, target: jax.Array) -> jax.Array:
+        return L.mel_spectrogram_loss(
+            prediction, target, sample_rate=self.sample_rate,
+            window_lengths=self.mel_window_lengths, n_mels=self.mel_n_mels,
+            window=self.mel_window, mel_fmin=self.mel_fmin, mel_fmax=self.mel_fmax)
+
+
+def _interleave(a: jax.Array, b: jax.Array) -> jax.Array:
+    """`[B, T]`, `[B, T]` -> `[2B, T]` as rows a0, b0, a1, b1, ...
+
+    Interleaving (rather than concatenating) keeps each device's rows local when the
+    batch axis is sharded, so one discriminator forward serves both inputs without
+    moving data between devices.
+    """
+    return jnp.stack([a, b], axis=1).reshape((-1,) + a.shape[1:])
+
+
+def _deinterleave(tree: Any) -> tuple[Any, Any]:
+    """Inverse of `_interleave` on every leaf: `[2B, ...]` -> (`[B, ...]`, `[B, ...]`)."""
+    def split(x):
+        x = x.reshape((-1, 2) + x.shape[1:])
+        return x[:, 0], x[:, 1]
+    pairs = jax.tree_util.tree_map(split, tree)
+    first = jax.tree_util.tree_map(lambda p: p[0], pairs, is_leaf=lambda p: isinstance(p, tuple))
+    second = jax.tree_util.tree_map(lambda p: p[1], pairs, is_leaf=lambda p: isinstance(p, tuple))
+    return first, second
+
+
+def _all_finite(*values: jax.Array) -> jax.Array:
+    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(v)) for v in values]))
+
+
+def _select(ok: jax.Array, new: Any, old: Any) -> Any:
+    return jax.tree_util.tree_map(lambda n, o: jnp.where(ok, n, o), new, old)
+
+
+def codebook_health(codes: list[jax.Array], codebook_size: int) -> Metrics:
+    """Per-level usage statistics of a batch of codes (each int32 `[batch, frames]`).
+
+    `batch_usage`: fraction of the codebook used in the batch; `batch_perplexity`: exp of the
+    entropy of the code histogram (= codebook size for a uniform code distribution).
+    """
+    out = {}
+    for level, c in enumerate(codes):
+        counts = jnp.bincount(c.reshape(-1), length=codebook_size).astype(jnp.float32)
+        p = counts / jnp.maximum(jnp.sum(counts), 1.0)
+        entropy = -jnp.sum(jnp.where(p > 0, p * jnp.log(jnp.where(p > 0, p, 1.0)), 0.0))
+        out[f"codebook/level_{level}/batch_usage"] = jnp.mean(counts > 0)
+        out[f"codebook/level_{level}/batch_perplexity"] = jnp.exp(entropy)
+    return out
+
+
+def make_train_step(
+    *,
+    generator: GeneratorAdapter,
+    discriminator: Any,
+    gen_tx: optax.GradientTransformation,
+    disc_tx: optax.GradientTransformation,
+    loss_settings: LossSettings,
+) -> Callable[[TrainState, Mapping[str, jax.Array]], tuple[TrainState, Metrics]]:
+    """Build `train_step(state, batch) -> (state, metrics)`.
+
+    batch: `{"audio": float32 [batch, samples]}`. metrics: float32/int32 scalars
+    (losses, grad norms, learning rates, codebook health, skip counters).
+    """
+    w = loss_settings.weight
+    recon_names = loss_settings.active_recon_losses()
+    balancer = loss_settings.make_balancer()
+    gan_kind, reduction = loss_settings.gan_kind, loss_settings.reduction
+
+    def disc_apply(params, audio):
+        return discriminator.apply({"params": params}, audio)
+
+    def recon_losses(recon: jax.Array, audio: jax.Array, disc_params, real_out) -> dict[str, Callable]:
+        """Loss name -> function of the reconstruction `[B, T]` (float32 scalar)."""
+        fns: dict[str, Callable[[jax.Array], jax.Array]] = {}
+        if "mel" in recon_names:
+            fns["mel"] = lambda y: loss_settings.mel_loss(y, audio)
+        if "stft" in recon_names:
+            fns["stft"] = lambda y: L.multi_resolution_stft_loss(
+                y, audio, fft_sizes=loss_settings.stft_fft_sizes).total
+        if "waveform" in recon_names:
+            fns["waveform"] = lambda y: L.waveform_l1_loss(y, audio)
+        if "adversarial" in recon_names:
+            fns["adversarial"] = lambda y: L.generator_adversarial_loss(
+                disc_apply(disc_params, y), kind=gan_kind, reduction=reduction)
+        if "feature_matching" in recon_names:
+            fns["feature_matching"] = lambda y: L.feature_matching_loss(
+                real_out, disc_apply(disc_params, y), reduction=reduction)
+        return fns
+
+    def train_step(state: TrainState, batch: Mapping[str, jax.Array]) -> tuple[TrainState, Metrics]:
+        audio = batch["audio"].astype(jnp.float32)
+        key = step_key(state.rng, state.step)
+        k_gen = jax.random.fold_in(key, 1)
+
+        # 1. Generator forward, keeping the VJP. Outputs: reconstruction [B, T] and the
+        #    quantizer losses (scalars); the rest rides along as aux.
+        def gen_forward(params):
+            out, new_codebook = generator.apply_train(params, state.codebook, audio, k_gen)
+            vq = {name: jnp.sum(jnp.stack([jnp.mean(x) for x in out[f"{name}_loss"]]))
+                  for name in QUANTIZER_LOSSES}
+            aux = dict(codes=out["codes"], codebook=new_codebook,
+                       quantizer_metrics=out.get("quantizer_metrics", {}),
+                       levels_used=out.get("levels_used"))
+            return (out["audio"].astype(jnp.float32), vq), aux
+
+        (recon, vq_losses), gen_vjp, aux = jax.vjp(gen_forward, state.gen_params, has_aux=True)
+
+        # 2. Discriminator update on the stopped-gradient reconstruction.
+        fake = jax.lax.stop_gradient(recon)
+
+        def disc_loss_fn(params):
+            real_out, fake_out = _deinterleave(disc_apply(params, _interleave(audio, fake)))
+            return L.discriminator_adversarial_loss(real_out, fake_out, kind=gan_kind,
+                                                    reduction=reduction)
+
+        disc_loss, disc_grads = jax.value_and_grad(disc_loss_fn)(state.disc_params)
+        disc_updates, disc_opt_state = disc_tx.update(disc_grads, state.disc_opt_state,
+                                                      state.disc_params)
+        disc_params = optax.apply_updates(state.disc_params, disc_updates)
+
+        # 3. Generator losses w.r.t. the reconstruction, against the updated discriminator.
+        needs_real = "feature_matching" in recon_names
+        real_out = (jax.lax.stop_gradient(disc_apply(disc_params, audio)) if needs_real else None)
+        fns = recon_losses(recon, audio, disc_params, real_out)
+        metrics: Metrics = {}
+        new_balancer = state.balancer
+        if balancer is not None:
+            recon_grad, new_balancer, bal_metrics = balancer.balance_losses(fns, recon, state.balancer)
+            values = {k[len("loss/"):]: v for k, v in bal_metrics.items() if k.startswith("loss/")}
+            metrics.update({f"balancer/{k}": v for k, v in bal_metrics.items()
+                            if not k.startswith("loss/")})
+        else:
+            def weighted(y):
+                vals = {name: fn(y) for name, fn in fns.items()}
+                return L.weighted_loss_sum(vals, w), vals
+            (_, values), recon_grad = jax.value_and_grad(weighted, has_aux=True)(recon)
+        vq_cotangent = {name: jnp.float32(w.get(name, 0.0)) for name in QUANTIZER_LOSSES}
+        (gen_grads,) = gen_vjp((recon_grad.astype(recon.dtype), vq_cotangent))
+        gen_updates, gen_opt_state = gen_tx.update(gen_grads, state.gen_opt_state, state.gen_params)
+        gen_params = optax.apply_updates(state.gen_params, gen_updates)
+
+        gen_total = L.weighted_loss_sum({**values, **vq_losses},
+                                        {**w, **{k: w.get(k, 0.0) for k in QUANTIZER_LOSSES}})
+        gen_norm = optax.global_norm(gen_grads)
+        disc_norm = optax.global_norm(disc_grads)
+
+        # 4. Drop the whole update if anything is non-finite.
+        ok = _all_finite(gen_total, disc_loss, gen_norm, disc_norm)
+        new_state = TrainState(
+            step=state.step + 1,
+            rng=state.rng,
+            gen_params=_select(ok, gen_params, state.gen_params),
+            disc_params=_select(ok, disc_params, state.disc_params),
+            gen_opt_state=_select(ok, gen_opt_state, state.gen_opt_state),
+            disc_opt_state=_select(ok, disc_opt_state, state.disc_opt_state),
+            codebook=_select(ok, aux["codebook"], state.codebook),
+            balancer=_select(ok, new_balancer, state.balancer),
+            skipped_steps=state.skipped_steps + (~ok).astype(jnp.int32),
+            consecutive_skips=jnp.where(ok, 0, state.consecutive_skips + 1).astype(jnp.int32),
+        )
+
+        metrics.update({f"loss/{k}": v for k, v in values.items()})
+        metrics.update({f"loss/{k}": v for k, v in vq_losses.items()})
+        metrics["loss/generator"] = gen_total
+        metrics["loss/discriminator"] = disc_loss
+        metrics["metric/si_sdr"] = jnp.mean(L.si_sdr(fake, audio))
+        if "mel" not in values:  # always report the mel distance, even when not trained on
+            metrics["loss/mel"] = loss_settings.mel_loss(fake, audio)
+        metrics["grad_norm/generator"] = gen_norm
+        metrics["grad_norm/discriminator"] = disc_norm
+        metrics["lr/generator"] = optim.current_learning_rate(gen_opt_state)
+        metrics["lr/discriminator"] = optim.current_learning_rate(disc_opt_state)
+        metrics["skipped"] = (~ok).astype(jnp.int32)
+        metrics["skipped_total"] = new_state.skipped_steps
+        metrics["consecutive_skips"] = new_state.consecutive_skips
+        metrics.update(codebook_health(aux["codes"], generator.config.codebook_size))
+        for name, per_level in aux["quantizer_metrics"].items():
+            for level, value in enumerate(per_level):
+                metrics[f"codebook/level_{level}/{name}"] = jnp.asarray(value, jnp.float32)
+        if aux["levels_used"] is not None:
+            metrics["codebook/levels_used"] = jnp.mean(aux["levels_used"].astype(jnp.float32))
+        return new_state, metrics
+
+    return train_step
+
+
+def make_eval_step(*, generator: GeneratorAdapter, loss_settings: LossSettings
+                   ) -> Callable[[TrainState, Mapping[str, jax.Array]], tuple[Metrics, jax.Array]]:
+    """Build `eval_step(state, batch) -> (metrics, reconstruction [B, T])`.
+
+    The generator runs in inference mode (no noise, no quantizer dropout, codebook
+    statistics untouched). metrics: `mel`, `si_sdr`, `waveform_l1` means over the batch
+    and per-level code usage / perplexity of the batch.
+    """
+
+    def eval_step(state: TrainState, batch: Mapping[str, jax.Array]):
+        audio = batch["audio"].astype(jnp.float32)
+        out = generator.apply_eval(state.gen_params, state.codebook, audio)
+        recon = out["audio"].astype(jnp.float32)
+        metrics = {
+            "mel": loss_settings.mel_loss(recon, audio),
+            "si_sdr": jnp.mean(L.si_sdr(recon, audio)),
+            "waveform_l1": L.waveform_l1_loss(recon, audio),
+        }
+        metrics.update({k.replace("codebook/", "codes/"): v for k, v in
+                        codebook_health(out["codes"], generator.config.codebook_size).items()})
+        return metrics, recon
+
+    return eval_step

@@ -1,0 +1,448 @@
+"""GAN training of SNAC codecs: `train_and_evaluate(config, workdir)` and the CLI.
+
+    codec-jax train --config configs/tiny.py --workdir /tmp/run
+    python -m train.main --config configs/snac_24khz.py:finetune --workdir gs://... \
+        --config.init.generator_checkpoint=/ckpt/snac_24khz --config.mesh.fsdp=4
+
+From a notebook:
+
+    from codec_jax.trainer import train_and_evaluate
+    from configs import tiny
+    metrics = train_and_evaluate(tiny.get_config(), "/tmp/run")
+
+The run resumes by itself from the newest checkpoint in `workdir` (state and data
+position), so the same command restarts a preempted job. SIGTERM makes the loop save a
+checkpoint at the current step and return normally.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+import chex
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from jax.experimental import multihost_utils
+
+from codec_jax import checkpoint as ckpt_io
+from codec_jax import optim
+from codec_jax import sharding as shard_lib
+from codec_jax import train_metrics as tm
+from codec_jax import train_models
+from codec_jax import train_state as ts
+from codec_jax.train_checkpoint import TrainCheckpointer
+from codec_jax.train_step import LossSettings, make_eval_step, make_train_step
+
+log = logging.getLogger(__name__)
+
+
+class NonFiniteTrainingError(FloatingPointError):
+    """Too many consecutive steps had non-finite losses or gradients."""
+
+
+class _Preemption:
+    """SIGTERM -> `requested`. Multi-process runs use JAX's preemption sync point so
+    that every process stops at the same step."""
+
+    def __init__(self):
+        self._flag = threading.Event()
+        self._previous = None
+        if jax.process_count() == 1 and threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGTERM, self._handler)
+
+    def _handler(self, signum, frame):
+        log.warning("SIGTERM received: saving a checkpoint and stopping")
+        self._flag.set()
+
+    def requested(self, step: int) -> bool:
+        if jax.process_count() > 1:
+            return multihost_utils.reached_preemption_sync_point(step)
+        return self._flag.is_set()
+
+    def restore(self) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
+            self._previous = None
+
+
+def _print(msg: str) -> None:
+    if jax.process_index() == 0:
+        print(msg, flush=True)
+
+
+def load_generator_params(path: str, expected: Any) -> Any:
+    """Generator parameters (numpy tree) from a SNAC hub directory or a directory written
+    by `Codec.save`; the checkpoint's `config.json` must describe the configured model."""
+    p = Path(path)
+    if (p / ckpt_io.PARAMS_SUBDIR).exists():
+        config, variables = ckpt_io.load_converted(p)
+        params = variables["params"]
+    else:
+        config, params = ckpt_io.load_snac_directory(p)
+    if config != expected:
+        raise ValueError(
+            f"{path}: the checkpoint's config.json describes {config}, but the training config "
+            f"builds {expected}; set model.preset / model.overrides to match the checkpoint")
+    return jax.tree_util.tree_map(np.asarray, params)
+
+
+def _crop_samples(config: ml_collections.ConfigDict) -> int:
+    return int(round(config.data.crop_seconds * config.data.sample_rate))
+
+
+def _validate(config: ml_collections.ConfigDict, snac_config) -> None:
+    if int(config.data.sample_rate) != snac_config.sampling_rate:
+        raise ValueError(
+            f"data.sample_rate={config.data.sample_rate} differs from the model's "
+            f"sampling_rate={snac_config.sampling_rate}")
+    if config.train.num_steps <= 0:
+        raise ValueError("train.num_steps must be positive")
+    if config.quantizer.kind not in ("ema", "factorized"):
+        raise ValueError(f"quantizer.kind must be 'ema' or 'factorized', got {config.quantizer.kind!r}")
+
+
+def enable_compilation_cache(cache_dir: str) -> None:
+    """Use a persistent XLA compilation cache in `cache_dir` (no-op when empty).
+
+    Restarted jobs (after preemption, or resume tests) then load the compiled train step
+    instead of recompiling it. JAX decides whether to use the cache at the process's
+    first compilation, so the cache state is reset when the directory changes.
+    """
+    if not cache_dir:
+        return
+    from jax.experimental.compilation_cache import compilation_cache
+
+    cache_dir = os.path.abspath(os.path.expanduser(cache_dir))
+    if jax.config.jax_compilation_cache_dir != cache_dir:
+        jax.config.update("jax_compilation_cache_dir", cache_dir)
+        compilation_cache.reset_cache()
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+
+
+@dataclasses.dataclass
+class TrainingSetup:
+    """Everything a run builds from its config before the first step.
+
+    `p_train_step(state, batch) -> (state, metrics)` and
+    `p_eval_step(state, batch) -> (metrics, reconstruction)` are jitted with the state's
+    shardings (`state_shardings`) and the batch split over the mesh; the train step
+    donates its input state. A notebook can drive them by hand:
+
+        setup = create_training_setup(config)
+        state = setup.init_state()
+        batch = shard_lib.make_global_batch({"audio": audio_np}, setup.mesh)
+        state, metrics = setup.p_train_step(state, batch)
+    """
+
+    config: ml_collections.ConfigDict
+    mesh: Any
+    generator: train_models.GeneratorAdapter
+    discriminator: Any
+    loss_settings: LossSettings
+    init_fn: Any
+    abstract_state: ts.TrainState
+    state_shardings: ts.TrainState
+    p_train_step: Any
+    p_eval_step: Any
+    num_samples: int
+
+    def init_state(self, gen_params: Optional[Any] = None) -> ts.TrainState:
+        """A fresh sharded state (generator from `gen_params` host arrays if given)."""
+        state, _ = ts.create_sharded_state(
+            self.init_fn, int(self.config.train.seed), self.mesh,
+            int(self.config.mesh.fsdp_min_size), gen_params=gen_params)
+        return state
+
+    def restore_target(self) -> ts.TrainState:
+        """Abstract state with this mesh's shardings: what checkpoints restore into."""
+        return ts.abstract_with_shardings(self.abstract_state, self.state_shardings)
+
+
+def create_training_setup(config: ml_collections.ConfigDict,
+                          devices: Optional[list] = None) -> TrainingSetup:
+    """Models, optimizers, mesh (over `devices`, default all) and the jitted steps."""
+    enable_compilation_cache(config.train.get("compilation_cache_dir", ""))
+    generator = train_models.build_generator(config)
+    discriminator = train_models.build_discriminator(config)
+    _validate(config, generator.config)
+    gen_tx = optim.build_optimizer(config.optimizer.generator)
+    disc_tx = optim.build_optimizer(config.optimizer.discriminator)
+    loss_settings = LossSettings.from_config(config.losses, generator.config.sampling_rate)
+    mesh = shard_lib.create_mesh(config.mesh.data, config.mesh.fsdp, devices=devices)
+    shard_lib.local_batch_size(int(config.train.batch_size), mesh)  # validates divisibility
+    num_samples = _crop_samples(config)
+    balancer = loss_settings.make_balancer()
+    init_fn = ts.make_init_fn(
+        init_generator=lambda k: generator.init(k, num_samples),
+        init_discriminator=lambda k: train_models.init_discriminator(discriminator, k, num_samples),
+        gen_tx=gen_tx, disc_tx=disc_tx,
+        init_balancer=None if balancer is None else balancer.init)
+    abstract = jax.eval_shape(init_fn, ts.rng_from_seed(config.train.seed))
+    shardings = ts.state_shardings(abstract, mesh, int(config.mesh.fsdp_min_size))
+
+    batch_sharding = shard_lib.batch_sharding(mesh)
+    replicated = shard_lib.replicated(mesh)
+    # A second trace of the step would mean a silent recompile (changed shapes/dtypes).
+    train_step = chex.assert_max_traces(
+        make_train_step(generator=generator, discriminator=discriminator, gen_tx=gen_tx,
+                        disc_tx=disc_tx, loss_settings=loss_settings), n=1)
+    p_train_step = jax.jit(train_step, in_shardings=(shardings, {"audio": batch_sharding}),
+                           out_shardings=(shardings, replicated), donate_argnums=(0,))
+    p_eval_step = jax.jit(make_eval_step(generator=generator, loss_settings=loss_settings),
+                          in_shardings=(shardings, {"audio": batch_sharding}),
+                          out_shardings=(replicated, batch_sharding))
+    return TrainingSetup(config=config, mesh=mesh, generator=generator,
+                         discriminator=discriminator, loss_settings=loss_settings,
+                         init_fn=init_fn, abstract_state=abstract, state_shardings=shardings,
+                         p_train_step=p_train_step, p_eval_step=p_eval_step,
+                         num_samples=num_samples)
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
+    """Train (or resume) to `config.train.num_steps`; returns the last logged metrics.
+
+    Writes `workdir/checkpoints/<step>/`, `workdir/tensorboard/`, `workdir/metrics.jsonl`
+    and `workdir/config.json`.
+
+    Raises:
+      NonFiniteTrainingError: `train.max_consecutive_skips` steps in a row had
+        non-finite losses or gradients (the parameters were left untouched).
+    """
+    workdir = os.path.abspath(os.path.expanduser(workdir))
+    config = ml_collections.ConfigDict(config.to_dict())  # private, unlocked copy
+    setup = create_training_setup(config)
+    mesh, generator = setup.mesh, setup.generator
+    batch_size = int(config.train.batch_size)
+    num_samples = setup.num_samples
+
+    from codec_jax.data import pipeline
+
+    train_iter = pipeline.create_train_iterator(
+        config.data, global_batch_size=batch_size, seed=int(config.train.seed),
+        process_index=jax.process_index(), process_count=jax.process_count())
+
+    # ---- state: resume, or create (from an imported generator when configured) ----
+    checkpointer = TrainCheckpointer(os.path.join(workdir, "checkpoints"),
+                                     keep=config.checkpoint.keep,
+                                     async_save=config.checkpoint.async_save)
+    state, restored_step = checkpointer.restore_latest(setup.restore_target(), train_iter)
+    if state is None:
+        pretrained = None
+        if config.init.generator_checkpoint:
+            pretrained = load_generator_params(config.init.generator_checkpoint, generator.config)
+            _print(f"generator initialised from {config.init.generator_checkpoint}")
+        state = setup.init_state(pretrained)
+        start_step = 0
+    else:
+        start_step = int(jax.device_get(state.step))
+        _print(f"resumed from {checkpointer.directory}/{restored_step} (step {start_step})")
+
+    if jax.process_index() == 0:
+        os.makedirs(workdir, exist_ok=True)
+        with open(os.path.join(workdir, "config.json"), "w") as f:
+            f.write(config.to_json_best_effort(indent=2))
+    _print(f"mesh {dict(mesh.shape)} on {jax.device_count()} {jax.devices()[0].platform} "
+           f"device(s), {jax.process_count()} process(es); generator "
+           f"{ts.param_count(state.gen_params):,} params, discriminator "
+           f"{ts.param_count(state.disc_params):,} params; batch {batch_size} x "
+           f"{num_samples} samples")
+    log.info("parameter layout: %s",
+             shard_lib.describe_shardings(setup.abstract_state, setup.state_shardings))
+
+    p_train_step, p_eval_step = setup.p_train_step, setup.p_eval_step
+    writer = tm.MetricWriter(workdir, enabled=jax.process_index() == 0,
+                             jsonl=bool(config.logging.jsonl))
+    num_steps = int(config.train.num_steps)
+    log_every = max(int(config.logging.every_steps), 1)
+    eval_every = int(config.logging.eval_every_steps)
+    ckpt_every = int(config.checkpoint.every_steps)
+    max_skips = int(config.train.max_consecutive_skips)
+    audio_seconds = batch_size * num_samples / generator.config.sampling_rate
+    throughput = tm.Throughput(audio_seconds)
+    preemption = _Preemption()
+
+    def evaluate(step: int) -> dict[str, float]:
+        return _evaluate(config, state, p_eval_step, mesh, writer, step)
+
+    step = start_step
+    history: list[dict[str, Any]] = []
+    last_logged: dict[str, float] = {}
+    pending: Optional[dict[str, jax.Array]] = None  # previous step's metrics, on device
+    try:
+        while step < num_steps:
+            batch = shard_lib.make_global_batch(next(train_iter), mesh)
+            t_dispatch = time.perf_counter()
+            state, metrics = p_train_step(state, batch)
+            step += 1
+            if step == start_step + 1:
+                jax.block_until_ready(metrics)
+                _print(f"first step (compilation included) took "
+                       f"{time.perf_counter() - t_dispatch:.1f}s")
+                throughput.reset(step)
+            # Read the previous step's skip counter while this step runs: checking
+            # every step without stalling the dispatch pipeline.
+            if pending is not None:
+                _check_skips(pending, step - 1, max_skips)
+            pending = metrics
+            history.append(metrics)
+
+            if step % log_every == 0 or step == num_steps:
+                _check_skips(metrics, step, max_skips)
+                values = tm.aggregate(jax.device_get(history))
+                history = []
+                values.update(throughput.rates(step))
+                values.update(tm.device_memory())
+                writer.scalars(step, values, prefix="train/")
+                _print(tm.progress_line(step, num_steps, values))
+                last_logged = values
+                throughput.reset(step)
+            if eval_every > 0 and (step % eval_every == 0 or step == num_steps):
+                eval_values = evaluate(step)
+                last_logged.update({f"eval/{k}": v for k, v in eval_values.items()})
+                throughput.reset(step)
+            if preemption.requested(step):
+                checkpointer.save(step, state, train_iter, force=True)
+                checkpointer.wait()
+                _print(f"preempted: checkpoint {step} saved, exiting")
+                break
+            if (ckpt_every > 0 and step % ckpt_every == 0) or step == num_steps:
+                checkpointer.save(step, state, train_iter)
+    finally:
+        preemption.restore()
+        checkpointer.close()
+        writer.close()
+        train_iter.close()
+    return last_logged
+
+
+def _check_skips(metrics: dict[str, jax.Array], step: int, max_skips: int) -> None:
+    consecutive = int(jax.device_get(metrics["consecutive_skips"]))
+    if max_skips > 0 and consecutive >= max_skips:
+        raise NonFiniteTrainingError(
+            f"stopping at step {step}: {consecutive} consecutive steps had non-finite losses "
+            f"or gradients, and their updates were skipped (parameters are those of step "
+            f"{step - consecutive}). Check the data for NaN/inf audio, lower the learning "
+            f"rate or raise the clipping, or restart from an earlier checkpoint; "
+            f"train.max_consecutive_skips={max_skips} sets this limit.")
+
+
+def _evaluate(config, state, p_eval_step, mesh, writer, step: int) -> dict[str, float]:
+    """Mean eval metrics over the held-out batches; audio + spectrograms of the first."""
+    from codec_jax.data import pipeline
+
+    per_process = int(config.logging.eval_batch_size) // jax.process_count()
+    it = pipeline.create_eval_iterator(
+        config.data, batch_size=per_process, num_batches=int(config.logging.eval_batches),
+        seed=int(config.train.seed), process_index=jax.process_index(),
+        process_count=jax.process_count())
+    results, first = [], None
+    try:
+        for host_batch in it:
+            batch = shard_lib.make_global_batch(host_batch, mesh)
+            metrics, recon = p_eval_step(state, batch)
+            results.append(metrics)
+            if first is None:
+                first = (batch["audio"], recon)
+    finally:
+        it.close()
+    values = tm.aggregate(jax.device_get(results))
+    writer.scalars(step, values, prefix="eval/")
+    n = int(config.logging.num_audio_samples)
+    if first is not None and n > 0:
+        audio, recon = (multihost_utils.process_allgather(x, tiled=True) for x in first)
+        rate = int(config.data.sample_rate)
+        for i in range(min(n, audio.shape[0])):
+            writer.audio(step, f"eval/{i}/original", audio[i], rate)
+            writer.audio(step, f"eval/{i}/reconstruction", recon[i], rate)
+            writer.image(step, f"eval/{i}/spectrogram_original", tm.spectrogram_image(audio[i]))
+            writer.image(step, f"eval/{i}/spectrogram_reconstruction", tm.spectrogram_image(recon[i]))
+    writer.flush()
+    _print("eval @ {}: {}".format(step, ", ".join(
+        f"{k} {v:.4g}" for k, v in values.items() if not k.startswith("codes/"))))
+    return values
+
+
+# ---------------------------------------------------------------------------------------
+# Command line
+# ---------------------------------------------------------------------------------------
+
+_USAGE = """usage: codec-jax train --config CONFIG.py[:VARIANT] --workdir DIR [--config.KEY=VALUE ...]
+
+  --config        a config file with get_config(arg), e.g. configs/tiny.py or
+                  configs/snac_24khz.py:finetune (a bare name such as snac_24khz.py is
+                  also looked up among the installed configs)
+  --config.K=V    override any config value, e.g. --config.train.batch_size=32
+  --workdir       checkpoints, TensorBoard logs and metrics.jsonl go here; an existing
+                  run in it is resumed
+  --distributed   call jax.distributed.initialize() first (multi-host TPU/GPU jobs)
+"""
+
+
+def _resolve_config_path(argv: list[str]) -> list[str]:
+    """Let `--config snac_24khz.py[:variant]` find the configs shipped with the package
+    when the path does not exist relative to the current directory."""
+    import configs as configs_pkg
+
+    configs_dir = Path(list(configs_pkg.__path__)[0])
+    out = []
+    for i, arg in enumerate(argv):
+        prefix = None
+        if arg.startswith("--config="):
+            prefix, value = "--config=", arg[len("--config="):]
+        elif i > 0 and argv[i - 1] == "--config":
+            prefix, value = "", arg
+        if prefix is not None:
+            path, sep, variant = value.partition(":")
+            if not os.path.exists(path):
+                for candidate in (configs_dir / path, configs_dir / Path(path).name,
+                                  configs_dir / f"{path}.py"):
+                    if candidate.exists():
+                        value = f"{candidate}{sep}{variant}"
+                        break
+            arg = prefix + value
+        out.append(arg)
+    return out
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    """`codec-jax train ...` / `python -m train.main ...`; returns the exit status."""
+    import sys
+
+    from absl import flags
+    from ml_collections import config_flags
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(_USAGE)
+        return 0
+    fv = flags.FlagValues()
+    config_flags.DEFINE_config_file("config", None, "training config file", flag_values=fv,
+                                    lock_config=True)
+    flags.DEFINE_string("workdir", None, "run directory", flag_values=fv)
+    flags.DEFINE_bool("distributed", False, "initialise multi-host JAX", flag_values=fv)
+    try:
+        fv(["codec-jax train"] + _resolve_config_path(argv))
+    except flags.Error as e:
+        print(f"codec-jax train: {e}\n\n{_USAGE}", file=sys.stderr)
+        return 2
+    if fv.config is None or not fv.workdir:
+        print(f"codec-jax train: --config and --workdir are required\n\n{_USAGE}", file=sys.stderr)
+        return 2
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if fv.distributed:
+        jax.distributed.initialize()
+    try:
+        train_and_evaluate(fv.config, fv.workdir)
+    except NonFiniteTrainingError as e:
+        print(f"codec-jax train: {e}", file=sys.stderr)
+        return 1
+    return 0

@@ -1,0 +1,16 @@
+"""Train a SNAC 24 kHz codec (the published `hubertsiuzdak/snac_24khz` architecture).
+
+  codec-jax train --config configs/snac_24khz.py --workdir /path/to/run
+  codec-jax train --config configs/snac_24khz.py:finetune --workdir /path/to/run \
+      --config.init.generator_checkpoint=/path/to/snac_24khz
+
+Data: set `--config.data.sources` to prepared TFDS datasets (see docs/data.md); the
+default synthetic source only checks that everything runs.
+"""
+
+from configs.base import apply_variants, base_config
+
+
+def get_config(arg: str | None = None):
+    config = base_config("snac_24khz", batch_size=16, crop_seconds=1.0)
+    return apply_variants(config, arg)
