@@ -74,7 +74,7 @@ def default_data_config() -> ml_collections.ConfigDict:
     c.random_gain_db = 6.0             # uniform gain in [-x, +x] dB after normalisation (train only)
     c.random_polarity = True           # multiply by -1 with probability 1/2 (train only)
     c.channel_mode = "mix"             # multi-channel -> mono: "mix" (mean), "first", "random"
-    c.shuffle_seed = 0                 # record order; None: use the iterator seed
+    c.shuffle_seed = 0                 # record order + synthetic stream; None: the iterator seed
     c.synthetic_kinds = list(_PIPELINE_SYNTHETIC_KINDS)
     c.with_metadata = False            # add "source_index"/"record_index" [batch] to batches
     return c
