@@ -239,8 +239,8 @@ def make_train_step(
 
         gen_total = L.weighted_loss_sum({**values, **vq_losses},
                                         {**w, **{k: w.get(k, 0.0) for k in QUANTIZER_LOSSES}})
-        gen_norm = optax.global_norm(gen_grads)
-        disc_norm = optax.global_norm(disc_grads)
+        gen_norm = optax.tree.norm(gen_grads)
+        disc_norm = optax.tree.norm(disc_grads)
 
         # 4. Drop the whole update if anything is non-finite.
         ok = _all_finite(gen_total, disc_loss, gen_norm, disc_norm)

@@ -18,6 +18,7 @@ checkpoint at the current step and return normally.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import os
 import signal
@@ -26,7 +27,6 @@ import time
 from pathlib import Path
 from typing import Any, Optional
 
-import chex
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -110,6 +110,32 @@ def _validate(config: ml_collections.ConfigDict, snac_config) -> None:
         raise ValueError(f"quantizer.kind must be 'ema' or 'factorized', got {config.quantizer.kind!r}")
 
 
+class RecompilationError(RuntimeError):
+    """The train step was traced again: its input shapes, dtypes or shardings changed."""
+
+
+class TraceCounter:
+    """Wraps the step function and counts how often JAX traces it.
+
+    A second trace means a silent recompilation of the whole GAN step (minutes on a
+    large model), e.g. from a batch of another shape; it is an error. Unlike
+    `chex.assert_max_traces`, whose count is global per source location, the count
+    belongs to this wrapper, so every `TrainingSetup` gets its own budget.
+    """
+
+    def __init__(self, fn, limit: int = 1):
+        self.fn, self.limit, self.count = fn, limit, 0
+        functools.update_wrapper(self, fn)
+
+    def __call__(self, *args, **kwargs):
+        self.count += 1
+        if self.count > self.limit:
+            raise RecompilationError(
+                f"{self.fn.__name__} traced {self.count} times (limit {self.limit}); inputs "
+                "changed shape, dtype or sharding. Keep batches at a fixed shape.")
+        return self.fn(*args, **kwargs)
+
+
 def enable_compilation_cache(cache_dir: str) -> None:
     """Use a persistent XLA compilation cache in `cache_dir` (no-op when empty).
 
@@ -154,6 +180,7 @@ class TrainingSetup:
     p_train_step: Any
     p_eval_step: Any
     num_samples: int
+    train_step_traces: "TraceCounter"
 
     def init_state(self, gen_params: Optional[Any] = None) -> ts.TrainState:
         """A fresh sharded state (generator from `gen_params` host arrays if given)."""
@@ -191,11 +218,10 @@ def create_training_setup(config: ml_collections.ConfigDict,
 
     batch_sharding = shard_lib.batch_sharding(mesh)
     replicated = shard_lib.replicated(mesh)
-    # A second trace of the step would mean a silent recompile (changed shapes/dtypes).
-    train_step = chex.assert_max_traces(
+    trace_counter = TraceCounter(
         make_train_step(generator=generator, discriminator=discriminator, gen_tx=gen_tx,
-                        disc_tx=disc_tx, loss_settings=loss_settings), n=1)
-    p_train_step = jax.jit(train_step, in_shardings=(shardings, {"audio": batch_sharding}),
+                        disc_tx=disc_tx, loss_settings=loss_settings), limit=1)
+    p_train_step = jax.jit(trace_counter, in_shardings=(shardings, {"audio": batch_sharding}),
                            out_shardings=(shardings, replicated), donate_argnums=(0,))
     p_eval_step = jax.jit(make_eval_step(generator=generator, loss_settings=loss_settings),
                           in_shardings=(shardings, {"audio": batch_sharding}),
@@ -204,7 +230,7 @@ def create_training_setup(config: ml_collections.ConfigDict,
                          discriminator=discriminator, loss_settings=loss_settings,
                          init_fn=init_fn, abstract_state=abstract, state_shardings=shardings,
                          p_train_step=p_train_step, p_eval_step=p_eval_step,
-                         num_samples=num_samples)
+                         num_samples=num_samples, train_step_traces=trace_counter)
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:

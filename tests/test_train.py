@@ -1,0 +1,416 @@
+"""GAN training loop: end-to-end tiny run, exact resume after SIGTERM, NaN skipping,
+fine-tuning from an imported SNAC checkpoint, configs and the command line.
+
+The tests share one persistent XLA compilation cache, so the tiny train step is
+compiled once for the whole module (and by the SIGTERM subprocess only loaded).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from codec_jax import sharding as shard_lib
+from codec_jax import trainer
+from codec_jax.train_checkpoint import TrainCheckpointer
+from configs import base as config_base
+from configs import snac_24khz, snac_32khz, snac_44khz, tiny
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def xla_cache(tmp_path_factory):
+    """A compilation cache for this module only; the process-wide JAX setting is put back
+    afterwards so that other test modules are unaffected."""
+    from jax.experimental.compilation_cache import compilation_cache
+
+    previous = jax.config.jax_compilation_cache_dir
+    path = str(tmp_path_factory.mktemp("xla_cache"))
+    yield path
+    jax.config.update("jax_compilation_cache_dir", previous)
+    compilation_cache.reset_cache()
+
+
+def tiny_config(cache_dir: str, **train):
+    c = tiny.get_config()
+    c.train.compilation_cache_dir = cache_dir
+    for key, value in train.items():
+        section, name = key.split("__")
+        c[section][name] = value
+    return c
+
+
+def read_metrics(workdir) -> dict[int, dict]:
+    """step -> merged train/eval scalars from metrics.jsonl (later lines win)."""
+    rows: dict[int, dict] = {}
+    with open(Path(workdir) / "metrics.jsonl") as f:
+        for line in f:
+            row = json.loads(line)
+            rows.setdefault(row["step"], {}).update(row)
+    return rows
+
+
+def restore_state(config, workdir, step):
+    """The checkpointed TrainState of `step` as host numpy arrays."""
+    setup = trainer.create_training_setup(config)
+    from codec_jax.data import pipeline
+
+    it = pipeline.create_train_iterator(config.data, global_batch_size=config.train.batch_size,
+                                        seed=config.train.seed)
+    ckpt = TrainCheckpointer(os.path.join(workdir, "checkpoints"))
+    try:
+        state = ckpt.restore(step, setup.restore_target(), it)
+        data_state = it.get_state()
+    finally:
+        ckpt.close()
+        it.close()
+    return jax.device_get(state), data_state
+
+
+def assert_trees_equal(a, b):
+    leaves_a, tree_a = jax.tree_util.tree_flatten(a)
+    leaves_b, tree_b = jax.tree_util.tree_flatten(b)
+    assert tree_a == tree_b
+    for x, y in zip(leaves_a, leaves_b):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+# ---------------------------------------------------------------------------------------
+# End to end
+# ---------------------------------------------------------------------------------------
+
+
+def test_tiny_config_trains_end_to_end(tmp_path, xla_cache):
+    """30 steps of the tiny config on the synthetic pipeline: the mel loss falls well
+    below its initial value, checkpoints, TensorBoard summaries and eval are written."""
+    config = tiny_config(xla_cache, train__num_steps=30, logging__every_steps=5,
+                         logging__eval_every_steps=30, checkpoint__every_steps=15)
+    final = trainer.train_and_evaluate(config, str(tmp_path))
+
+    rows = read_metrics(tmp_path)
+    train_steps = sorted(s for s, r in rows.items() if "train/loss/mel" in r)
+    assert train_steps == [5, 10, 15, 20, 25, 30]
+    first, last = rows[5]["train/loss/mel"], rows[30]["train/loss/mel"]
+    assert last < 0.7 * first, (first, last)
+    for row in (rows[s] for s in train_steps):
+        assert row["train/skipped"] == 0
+        assert np.isfinite(row["train/grad_norm/generator"])
+        assert row["train/perf/audio_seconds_per_s"] > 0
+        for level in range(3):
+            assert 0 < row[f"train/codebook/level_{level}/batch_usage"] <= 1
+    # Learning rate logged from the optimizer state (tiny: constant 1e-3).
+    assert rows[30]["train/lr/generator"] == pytest.approx(1e-3)
+
+    # Periodic evaluation on the held-out split.
+    assert np.isfinite(rows[30]["eval/mel"]) and np.isfinite(rows[30]["eval/si_sdr"])
+    assert final["eval/mel"] == pytest.approx(rows[30]["eval/mel"])
+    assert 0 < rows[30]["eval/codes/level_0/batch_usage"] <= 1
+
+    ckpt = TrainCheckpointer(tmp_path / "checkpoints")
+    assert ckpt.all_steps() == [15, 30]
+    ckpt.close()
+    events = list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
+    assert events
+    content = b"".join(p.read_bytes() for p in events)
+    for tag in (b"train/loss/mel", b"eval/0/reconstruction", b"eval/0/spectrogram_original"):
+        assert tag in content
+    assert b"\x89PNG" in content  # spectrogram images are encoded
+    assert json.loads((tmp_path / "config.json").read_text())["model"]["preset"] == "tiny"
+
+    # Running again with the same target resumes at step 30 and does nothing more.
+    again = trainer.train_and_evaluate(config, str(tmp_path))
+    assert again == {}
+
+
+# ---------------------------------------------------------------------------------------
+# Exact resume
+# ---------------------------------------------------------------------------------------
+
+
+def _run_until_sigterm(workdir: Path, cache_dir: str, min_step: int, log_path: Path
+                       ) -> subprocess.Popen:
+    """Start `python -m train.main` on the tiny config with a far-away target, wait until
+    it has logged `min_step`, then SIGTERM it (as a preempted TPU VM would be)."""
+    cmd = [sys.executable, "-m", "train.main", "--config", str(REPO / "configs" / "tiny.py"),
+           "--workdir", str(workdir), "--config.train.num_steps=1000",
+           "--config.logging.every_steps=1", "--config.logging.eval_every_steps=0",
+           "--config.checkpoint.every_steps=1000",
+           f"--config.train.compilation_cache_dir={cache_dir}"]
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    # Output to a file: a full pipe would block the child.
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=open(log_path, "w"),
+                            stderr=subprocess.STDOUT, text=True)
+    metrics = workdir / "metrics.jsonl"
+    deadline = time.time() + 600
+    while time.time() < deadline and proc.poll() is None:
+        if metrics.exists() and any(json.loads(l)["step"] >= min_step
+                                    for l in metrics.read_text().splitlines() if l.strip()):
+            break
+        time.sleep(0.2)
+    assert proc.poll() is None, log_path.read_text()[-3000:]
+    proc.send_signal(signal.SIGTERM)
+    return proc
+
+
+def test_resume_after_sigterm_is_bitwise_identical(tmp_path, xla_cache):
+    """N steps in one run == a run killed by SIGTERM after k < N steps + a resumed run to
+    N: identical per-step losses after the resume point and identical final state."""
+    n = 8
+    straight = tmp_path / "straight"
+    config = tiny_config(xla_cache, train__num_steps=n, logging__every_steps=1,
+                         logging__eval_every_steps=0, checkpoint__every_steps=1000)
+    trainer.train_and_evaluate(config, str(straight))
+
+    interrupted = tmp_path / "interrupted"
+    log_path = tmp_path / "interrupted.log"
+    proc = _run_until_sigterm(interrupted, xla_cache, min_step=2, log_path=log_path)
+    proc.wait(timeout=300)
+    output = log_path.read_text()
+    assert proc.returncode == 0, output[-3000:]
+    assert "preempted: checkpoint" in output
+    ckpt = TrainCheckpointer(interrupted / "checkpoints")
+    (k,) = ckpt.all_steps()
+    ckpt.close()
+    assert 2 <= k < n, f"killed at step {k}; the test needs 2 <= k < {n}"
+
+    trainer.train_and_evaluate(config, str(interrupted))
+
+    a, b = read_metrics(straight), read_metrics(interrupted)
+    for step in range(1, n + 1):
+        keys = [key for key in a[step] if key.startswith("train/loss/")]
+        assert keys
+        for key in keys:  # JSON holds the exact float32 values
+            assert a[step][key] == b[step][key], (step, key, a[step][key], b[step][key])
+
+    state_a, data_a = restore_state(config, straight, n)
+    state_b, data_b = restore_state(config, interrupted, n)
+    assert int(state_a.step) == int(state_b.step) == n
+    assert_trees_equal(state_a, state_b)
+    assert data_a == data_b  # the data pipeline resumed at the same batch
+
+
+# ---------------------------------------------------------------------------------------
+# Non-finite values
+# ---------------------------------------------------------------------------------------
+
+
+def test_nan_batch_is_skipped_without_touching_the_state(xla_cache):
+    config = tiny_config(xla_cache)
+    setup = trainer.create_training_setup(config)
+    state = setup.init_state()
+    before = jax.device_get(state)
+
+    rng = np.random.default_rng(0)
+    audio = (0.1 * rng.standard_normal((4, setup.num_samples))).astype(np.float32)
+    bad = audio.copy()
+    bad[1, 100] = np.nan
+    state, metrics = setup.p_train_step(state, shard_lib.make_global_batch({"audio": bad}, setup.mesh))
+    metrics = jax.device_get(metrics)
+    assert metrics["skipped"] == 1 and metrics["skipped_total"] == 1
+    assert metrics["consecutive_skips"] == 1
+    assert not np.isfinite(metrics["loss/generator"])
+    after = jax.device_get(state)
+    assert int(after.step) == 1
+    # Parameters, optimizer states, EMA codebooks and rng are bit-for-bit unchanged.
+    for field in ("gen_params", "disc_params", "gen_opt_state", "disc_opt_state", "codebook", "rng"):
+        assert_trees_equal(getattr(before, field), getattr(after, field))
+
+    # A finite batch afterwards trains normally and resets the run of skips.
+    state, metrics = setup.p_train_step(state, shard_lib.make_global_batch({"audio": audio}, setup.mesh))
+    metrics = jax.device_get(metrics)
+    assert metrics["skipped"] == 0 and metrics["skipped_total"] == 1
+    assert metrics["consecutive_skips"] == 0
+    changed = jax.device_get(state.gen_params)
+    diffs = [np.any(x != y) for x, y in zip(jax.tree_util.tree_leaves(before.gen_params),
+                                            jax.tree_util.tree_leaves(changed))]
+    assert any(diffs)
+
+    # Both steps ran one compiled program; a batch of another shape is refused instead of
+    # silently recompiling.
+    assert setup.train_step_traces.count == 1
+    short = shard_lib.make_global_batch({"audio": audio[:, :2000]}, setup.mesh)
+    with pytest.raises(trainer.RecompilationError, match="traced 2 times"):
+        setup.p_train_step(state, short)
+
+
+def test_many_nan_batches_stop_the_run(tmp_path, xla_cache, monkeypatch):
+    from codec_jax.data import pipeline
+
+    real = pipeline.create_train_iterator
+
+    class Poisoned:
+        """The real pipeline with NaNs written into every batch."""
+
+        def __init__(self, inner):
+            self.inner = inner
+
+        def __next__(self):
+            batch = next(self.inner)
+            batch["audio"][:, ::7] = np.nan
+            return batch
+
+        def __getattr__(self, name):
+            return getattr(self.inner, name)
+
+    monkeypatch.setattr(pipeline, "create_train_iterator", lambda *a, **k: Poisoned(real(*a, **k)))
+    config = tiny_config(xla_cache, train__num_steps=50, train__max_consecutive_skips=3,
+                         logging__eval_every_steps=0)
+    with pytest.raises(trainer.NonFiniteTrainingError, match="3 consecutive steps"):
+        trainer.train_and_evaluate(config, str(tmp_path))
+    # Nothing was checkpointed: the broken run leaves no resume point behind.
+    ckpt = TrainCheckpointer(tmp_path / "checkpoints")
+    assert ckpt.all_steps() == []
+    ckpt.close()
+
+
+# ---------------------------------------------------------------------------------------
+# Fine-tuning from an imported SNAC checkpoint
+# ---------------------------------------------------------------------------------------
+
+
+def test_finetune_starts_from_imported_snac_generator(tmp_path, xla_cache):
+    torch = pytest.importorskip("torch")
+    snac = pytest.importorskip("snac")
+    from codec_jax import checkpoint as ckpt_io
+    from codec_jax.config import get_preset
+
+    preset = get_preset("tiny")
+    torch.manual_seed(0)
+    model = snac.SNAC(**preset.to_dict())
+    hub = tmp_path / "snac_tiny"
+    hub.mkdir()
+    (hub / "config.json").write_text(json.dumps(preset.to_dict()))
+    torch.save(model.state_dict(), hub / "pytorch_model.bin")
+
+    config = tiny.get_config("finetune")
+    assert config.quantizer.kind == "factorized"
+    assert config.optimizer.generator.learning_rate == pytest.approx(1e-4)
+    config.init.generator_checkpoint = str(hub)
+    setup = trainer.create_training_setup(config)
+    imported = trainer.load_generator_params(str(hub), setup.generator.config)
+    state = setup.init_state(imported)
+    _, expected = ckpt_io.load_snac_directory(hub)
+    assert_trees_equal(jax.device_get(state.gen_params), expected)
+    # Fresh discriminators: not part of the import.
+    assert jax.tree_util.tree_leaves(state.disc_params)
+
+    # An EMA-quantizer model has a different parameter tree: the error says so.
+    ema = trainer.create_training_setup(tiny.get_config())
+    with pytest.raises(ValueError, match="do not match"):
+        ema.init_state(imported)
+    # A checkpoint of another architecture is refused with what to change.
+    other = tiny.get_config("finetune")
+    other.model.overrides = {"noise": False}
+    with pytest.raises(ValueError, match="model.preset"):
+        trainer.load_generator_params(str(hub), trainer.create_training_setup(other).generator.config)
+
+
+# ---------------------------------------------------------------------------------------
+# Configs and the command line
+# ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("module,preset,rate", [(snac_24khz, "snac_24khz", 24000),
+                                                (snac_32khz, "snac_32khz", 32000),
+                                                (snac_44khz, "snac_44khz", 44100),
+                                                (tiny, "tiny", 16000)])
+def test_configs_build_their_models(module, preset, rate):
+    for variant in ("", "finetune", "factorized", "finetune,factorized"):
+        c = module.get_config(variant)
+        assert c.model.preset == preset and c.data.sample_rate == rate
+        assert c.quantizer.kind == ("ema" if variant == "" else "factorized")
+    c = module.get_config()
+    # DAC's recipe.
+    assert dict(c.losses.weights) == {"mel": 15.0, "feature_matching": 2.0, "adversarial": 1.0,
+                                      "commitment": 0.25, "codebook": 1.0, "stft": 0.0,
+                                      "waveform": 0.0}
+    assert c.optimizer.generator.clip_norm == 1e3 and c.optimizer.discriminator.clip_norm == 10
+    assert (c.optimizer.generator.b1, c.optimizer.generator.b2) == (0.8, 0.99)
+    from codec_jax import train_models
+
+    generator = train_models.build_generator(c)
+    assert generator.config.sampling_rate == rate
+    assert generator.module.quantizer.kind == "ema"
+    assert train_models.build_discriminator(c).names()
+    with pytest.raises(ValueError, match="unknown config variant"):
+        module.get_config("bogus")
+
+
+def test_optimizer_schedule_and_clipping():
+    import ml_collections
+    import optax
+
+    from codec_jax import optim
+
+    cfg = optim.optimizer_config(learning_rate=1e-3, decay_rate=0.5, clip_norm=1.0,
+                                 weight_decay=0.0, warmup_steps=0)
+    tx = optim.build_optimizer(cfg)
+    params = {"w": jnp.zeros((3,))}
+    state = tx.init(params)
+    lrs = []
+    for _ in range(3):
+        # A huge gradient: clipping bounds the first Adam moment's input to norm 1.
+        updates, state = tx.update({"w": jnp.array([1e6, 0.0, 0.0])}, state, params)
+        lrs.append(float(optim.current_learning_rate(state)))
+    np.testing.assert_allclose(lrs, [1e-3, 5e-4, 2.5e-4], rtol=1e-6)
+    assert float(state[1].inner_state[0].mu["w"][0]) <= 1.0
+    warm = optim.learning_rate_schedule(ml_collections.ConfigDict(dict(
+        learning_rate=1.0, decay_rate=1.0, warmup_steps=4)))
+    assert float(warm(2)) == pytest.approx(0.5) and float(warm(10)) == pytest.approx(1.0)
+
+
+def test_loss_settings_reject_unknown_weights():
+    from codec_jax.train_step import LossSettings
+
+    c = tiny.get_config()
+    c.losses.weights.mell = 1.0
+    with pytest.raises(ValueError, match="mell"):
+        LossSettings.from_config(c.losses, 16000)
+
+
+def test_metric_aggregation_and_progress_line():
+    from codec_jax import train_metrics as tm
+
+    history = [{"loss/mel": 2.0, "skipped": 0, "consecutive_skips": 0},
+               {"loss/mel": float("nan"), "skipped": 1, "consecutive_skips": 1},
+               {"loss/mel": 4.0, "skipped": 0, "consecutive_skips": 0}]
+    out = tm.aggregate(history)
+    assert out == {"loss/mel": 3.0, "skipped": 1.0, "consecutive_skips": 0.0}
+    assert np.isnan(tm.aggregate([{"x": float("nan")}])["x"])
+    line = tm.progress_line(50, 100, {"loss/mel": 3.0, "perf/step_time_s": 2.0,
+                                      "perf/audio_seconds_per_s": 8.0, "skipped": 2})
+    assert "step 50/100 (50.0%)" in line and "ETA 1m40s" in line and "skipped 2" in line
+    import zlib
+
+    image = tm.spectrogram_image(np.sin(np.arange(2048) * 0.2))
+    png = tm.encode_png(image)
+    assert png.startswith(b"\x89PNG\r\n\x1a\n")
+    idat = png[png.index(b"IDAT") + 4:png.index(b"IEND") - 8]
+    raw = np.frombuffer(zlib.decompress(idat), np.uint8).reshape(image.shape[0], -1)
+    np.testing.assert_array_equal(raw[:, 1:].reshape(image.shape), image)
+
+
+def test_cli_usage_and_errors(capsys):
+    from codec_jax import cli
+
+    assert cli.main(["train", "--help"]) == 0
+    assert "--workdir" in capsys.readouterr().out
+    assert trainer.main(["--config", "tiny.py"]) == 2  # no workdir
+    assert "required" in capsys.readouterr().err
+    assert trainer.main(["--config", "configs/tiny.py", "--workdir", "/tmp/x",
+                         "--config.train.no_such_key=1"]) == 2
+    # A bare config name resolves to the configs shipped with the package.
+    resolved = trainer._resolve_config_path(["--config", "snac_24khz.py:finetune"])
+    assert resolved[1].endswith(os.path.join("configs", "snac_24khz.py") + ":finetune")
+    assert os.path.exists(resolved[1].split(":")[0])
