@@ -60,8 +60,14 @@ def init_variables(config: SNACConfig, rng: jax.Array | int = 0) -> Variables:
     """Freshly initialised variables for `config` (PyTorch's default init distributions)."""
     if isinstance(rng, int):
         rng = jax.random.key(rng)
-    dummy = jnp.zeros((1, config.pad_multiple), jnp.float32)
-    return jax.jit(_model(config, "float32").init)(rng, dummy)
+    # `init` runs a forward pass; on an accelerator that pass would be compiled and
+    # autotuned (tens of seconds for the full presets), so initialise on the host CPU and
+    # hand the arrays to the default device.
+    cpu = jax.devices("cpu")[0]
+    with jax.default_device(cpu):
+        dummy = jnp.zeros((1, config.pad_multiple), jnp.float32)
+        variables = jax.jit(_model(config, "float32").init)(jax.device_put(rng, cpu), dummy)
+    return jax.device_put(variables, jax.devices()[0])
 
 
 def _as_audio(audio) -> jax.Array:

@@ -82,20 +82,39 @@ class WNConv1d(nn.Module):
             lambda _key: jnp.sqrt(jnp.sum(jnp.square(direction), axis=(0, 1))).astype(self.param_dtype),
         )
         kernel = weight_norm(direction, magnitude, norm_axes=(0, 1), mag_axis=2).astype(self.dtype)
-        y = jax.lax.conv_general_dilated(
-            x.astype(self.dtype),
-            kernel,
-            window_strides=(self.stride,),
-            padding=[(self.padding, self.padding)],
-            rhs_dilation=(self.dilation,),
-            dimension_numbers=("NWC", "WIO", "NWC"),
-            feature_group_count=self.groups,
-            precision=self.precision,
-        )
+        if self.groups == in_features == self.features and self.stride == 1:
+            y = _depthwise_conv(x.astype(self.dtype), kernel[:, 0, :], self.padding, self.dilation)
+        else:
+            y = jax.lax.conv_general_dilated(
+                x.astype(self.dtype),
+                kernel,
+                window_strides=(self.stride,),
+                padding=[(self.padding, self.padding)],
+                rhs_dilation=(self.dilation,),
+                dimension_numbers=("NWC", "WIO", "NWC"),
+                feature_group_count=self.groups,
+                precision=self.precision,
+            )
         if self.use_bias:
             bias = self.param("bias", _torch_uniform_init(fan_in), (self.features,), self.param_dtype)
             y = y + bias.astype(self.dtype)
         return y
+
+
+def _depthwise_conv(x: Array, kernel: Array, padding: int, dilation: int) -> Array:
+    """Depthwise conv as a sum of shifted, per-channel-scaled copies of the input.
+
+    x `[batch, time, channels]`, kernel `[taps, channels]`. SNAC's residual units are
+    depthwise with 7 taps: as a grouped convolution XLA hands them to a slow generic kernel,
+    while this form fuses (with the Snake around it) into one memory-bound pass.
+    """
+    taps = kernel.shape[0]
+    x = jnp.pad(x, ((0, 0), (padding, padding), (0, 0)))
+    out_len = x.shape[1] - dilation * (taps - 1)
+    y = x[:, :out_len] * kernel[0]
+    for j in range(1, taps):
+        y = y + x[:, j * dilation: j * dilation + out_len] * kernel[j]
+    return y
 
 
 class WNConvTranspose1d(nn.Module):
