@@ -97,14 +97,15 @@ def bench_torch(config, batch, seconds, dtype, repeats, compile_):
     amp = dtype == "bfloat16"
 
     def run(fn):
+        # Contexts stay outside the compiled region: dynamo fails on inference_mode inside.
+        fn = torch.compile(fn) if compile_ else fn
+
         def call(x):
             with torch.inference_mode(), torch.autocast(device, dtype=torch.bfloat16, enabled=amp):
                 return fn(x)
         return call
 
     encode, decode = run(model.encode), run(model.decode)
-    if compile_:
-        encode, decode = torch.compile(encode), torch.compile(decode)
 
     def sync(_):
         if device == "cuda":
