@@ -167,23 +167,29 @@ def make_train_step(
     def disc_apply(params, audio):
         return discriminator.apply({"params": params}, audio)
 
-    def recon_losses(recon: jax.Array, audio: jax.Array, disc_params, real_out) -> dict[str, Callable]:
-        """Loss name -> function of the reconstruction `[B, T]` (float32 scalar)."""
-        fns: dict[str, Callable[[jax.Array], jax.Array]] = {}
+    def recon_losses(y: jax.Array, audio: jax.Array, disc_params, real_out) -> dict[str, jax.Array]:
+        """Active reconstruction losses of `y` `[B, T]` against `audio` (float32 scalars).
+
+        The discriminator runs once on `y` for both the adversarial and the
+        feature-matching loss.
+        """
+        values: dict[str, jax.Array] = {}
         if "mel" in recon_names:
-            fns["mel"] = lambda y: loss_settings.mel_loss(y, audio)
+            values["mel"] = loss_settings.mel_loss(y, audio)
         if "stft" in recon_names:
-            fns["stft"] = lambda y: L.multi_resolution_stft_loss(
+            values["stft"] = L.multi_resolution_stft_loss(
                 y, audio, fft_sizes=loss_settings.stft_fft_sizes).total
         if "waveform" in recon_names:
-            fns["waveform"] = lambda y: L.waveform_l1_loss(y, audio)
-        if "adversarial" in recon_names:
-            fns["adversarial"] = lambda y: L.generator_adversarial_loss(
-                disc_apply(disc_params, y), kind=gan_kind, reduction=reduction)
-        if "feature_matching" in recon_names:
-            fns["feature_matching"] = lambda y: L.feature_matching_loss(
-                real_out, disc_apply(disc_params, y), reduction=reduction)
-        return fns
+            values["waveform"] = L.waveform_l1_loss(y, audio)
+        if "adversarial" in recon_names or "feature_matching" in recon_names:
+            fake_out = disc_apply(disc_params, y)
+            if "adversarial" in recon_names:
+                values["adversarial"] = L.generator_adversarial_loss(
+                    fake_out, kind=gan_kind, reduction=reduction)
+            if "feature_matching" in recon_names:
+                values["feature_matching"] = L.feature_matching_loss(
+                    real_out, fake_out, reduction=reduction)
+        return values
 
     def train_step(state: TrainState, batch: Mapping[str, jax.Array]) -> tuple[TrainState, Metrics]:
         audio = batch["audio"].astype(jnp.float32)
@@ -219,17 +225,20 @@ def make_train_step(
         # 3. Generator losses w.r.t. the reconstruction, against the updated discriminator.
         needs_real = "feature_matching" in recon_names
         real_out = (jax.lax.stop_gradient(disc_apply(disc_params, audio)) if needs_real else None)
-        fns = recon_losses(recon, audio, disc_params, real_out)
         metrics: Metrics = {}
         new_balancer = state.balancer
         if balancer is not None:
+            # One function per loss, as the balancer wants; they are traced together, so
+            # XLA shares the common parts (the discriminator forward) between them.
+            fns = {name: (lambda y, name=name: recon_losses(y, audio, disc_params, real_out)[name])
+                   for name in recon_names}
             recon_grad, new_balancer, bal_metrics = balancer.balance_losses(fns, recon, state.balancer)
             values = {k[len("loss/"):]: v for k, v in bal_metrics.items() if k.startswith("loss/")}
             metrics.update({f"balancer/{k}": v for k, v in bal_metrics.items()
                             if not k.startswith("loss/")})
         else:
             def weighted(y):
-                vals = {name: fn(y) for name, fn in fns.items()}
+                vals = recon_losses(y, audio, disc_params, real_out)
                 return L.weighted_loss_sum(vals, w), vals
             (_, values), recon_grad = jax.value_and_grad(weighted, has_aux=True)(recon)
         vq_cotangent = {name: jnp.float32(w.get(name, 0.0)) for name in QUANTIZER_LOSSES}
