@@ -19,33 +19,40 @@ import numpy as np
 from codec_jax import checkpoint
 from codec_jax.config import SNACConfig, get_preset
 from codec_jax.models import SNAC, check_audio
+from codec_jax.quantizer import QuantizerConfig
 
 Array = jax.Array
 Variables = dict[str, Any]
 
 
-def _model(config: SNACConfig, dtype) -> SNAC:
-    return SNAC(config, dtype=jnp.dtype(dtype))
+FACTORIZED = QuantizerConfig()
 
 
-@functools.partial(jax.jit, static_argnames=("config", "dtype", "n_levels"))
+def _model(config: SNACConfig, dtype, quantizer: QuantizerConfig = FACTORIZED) -> SNAC:
+    return SNAC(config, dtype=jnp.dtype(dtype), quantizer=quantizer)
+
+
+@functools.partial(jax.jit, static_argnames=("config", "dtype", "n_levels", "quantizer"))
 def encode(variables: Variables, audio: Array, *, config: SNACConfig, dtype: str = "float32",
-           n_levels: Optional[int] = None) -> list[Array]:
-    """audio float `[batch, samples]` -> list of int32 `[batch, frames_level]`, coarse first."""
-    return _model(config, dtype).apply(variables, audio, n_levels=n_levels, method=SNAC.encode)
+           n_levels: Optional[int] = None, quantizer: QuantizerConfig = FACTORIZED) -> list[Array]:
+    """audio float `[batch, samples]` -> list of int32 `[batch, frames_level]`, coarse first.
+
+    `quantizer` must describe the codebooks in `variables` (EMA-trained codecs keep theirs
+    in the `codebook` collection)."""
+    return _model(config, dtype, quantizer).apply(variables, audio, n_levels=n_levels, method=SNAC.encode)
 
 
-@functools.partial(jax.jit, static_argnames=("config", "dtype", "length"))
+@functools.partial(jax.jit, static_argnames=("config", "dtype", "length", "quantizer"))
 def decode(variables: Variables, codes: Sequence[Array], *, config: SNACConfig,
            dtype: str = "float32", length: Optional[int] = None,
-           rng: Optional[jax.Array] = None) -> Array:
+           rng: Optional[jax.Array] = None, quantizer: QuantizerConfig = FACTORIZED) -> Array:
     """codes (all levels or a coarse-first prefix) -> float32 audio `[batch, samples]`.
 
     `length` trims the right padding added at encode time. With `rng=None` the noise blocks
     add nothing; with a key they sample Gaussian noise as SNAC does.
     """
     rngs = None if rng is None else {"noise": rng}
-    return _model(config, dtype).apply(variables, codes, length=length, rngs=rngs,
+    return _model(config, dtype, quantizer).apply(variables, codes, length=length, rngs=rngs,
                                        method=SNAC.decode).astype(jnp.float32)
 
 
@@ -56,7 +63,8 @@ def encode_latents(variables: Variables, audio: Array, *, config: SNACConfig,
     return _model(config, dtype).apply(variables, audio, method=SNAC.encode_latents)
 
 
-def init_variables(config: SNACConfig, rng: jax.Array | int = 0) -> Variables:
+def init_variables(config: SNACConfig, rng: jax.Array | int = 0,
+                   quantizer: QuantizerConfig = FACTORIZED) -> Variables:
     """Freshly initialised variables for `config` (PyTorch's default init distributions)."""
     if isinstance(rng, int):
         rng = jax.random.key(rng)
@@ -66,7 +74,7 @@ def init_variables(config: SNACConfig, rng: jax.Array | int = 0) -> Variables:
     cpu = jax.devices("cpu")[0]
     with jax.default_device(cpu):
         dummy = jnp.zeros((1, config.pad_multiple), jnp.float32)
-        variables = jax.jit(_model(config, "float32").init)(jax.device_put(rng, cpu), dummy)
+        variables = jax.jit(_model(config, "float32", quantizer).init)(jax.device_put(rng, cpu), dummy)
     return jax.device_put(variables, jax.devices()[0])
 
 
@@ -87,8 +95,10 @@ class Codec:
     `dtype` selects the compute dtype ("float32" or "bfloat16"); parameters stay float32.
     """
 
-    def __init__(self, config: SNACConfig, variables: Variables, dtype: str = "float32"):
+    def __init__(self, config: SNACConfig, variables: Variables, dtype: str = "float32",
+                 quantizer: QuantizerConfig = FACTORIZED):
         self.config = config
+        self.quantizer = quantizer
         self.variables = jax.tree_util.tree_map(jnp.asarray, variables)
         self.dtype = dtype
 
@@ -103,7 +113,7 @@ class Codec:
     def encode(self, audio, n_levels: Optional[int] = None) -> list[Array]:
         """float32 `[batch, samples]` (numpy or jax) -> list of int32 `[batch, frames_level]`."""
         return encode(self.variables, _as_audio(audio), config=self.config, dtype=self.dtype,
-                      n_levels=n_levels)
+                      n_levels=n_levels, quantizer=self.quantizer)
 
     def decode(self, codes: Sequence[Any], length: Optional[int] = None,
                rng: Optional[jax.Array] = None) -> Array:
@@ -111,7 +121,7 @@ class Codec:
         codes = [jnp.asarray(c, jnp.int32) for c in codes]
         self._check_codes(codes)
         return decode(self.variables, codes, config=self.config, dtype=self.dtype,
-                      length=length, rng=rng)
+                      length=length, rng=rng, quantizer=self.quantizer)
 
     def _check_codes(self, codes: Sequence[Array]) -> None:
         c = self.config
@@ -129,13 +139,15 @@ class Codec:
                     f"codes[{level}] has {x.shape[1]} frames; with stride {stride} it should have "
                     f"{finest // stride} to match level 0"
                 )
-        lo, hi = int(min(jnp.min(x) for x in codes)), int(max(jnp.max(x) for x in codes))
-        if lo < 0 or hi >= c.codebook_size:
-            raise ValueError(f"code values must be in [0, {c.codebook_size}), got [{lo}, {hi}]")
+        sizes = self.quantizer.level_codebook_sizes(c.n_levels, c.codebook_size)
+        for level, (size, x) in enumerate(zip(sizes, codes)):
+            lo, hi = int(jnp.min(x)), int(jnp.max(x))
+            if lo < 0 or hi >= size:
+                raise ValueError(f"codes[{level}]: code values must be in [0, {size}), got [{lo}, {hi}]")
 
     def save(self, path: str | os.PathLike) -> None:
         """Write `config.json` + orbax variables; `load_pretrained(path)` reads them back."""
-        checkpoint.save_converted(path, self.config, self.variables)
+        checkpoint.save_converted(path, self.config, self.variables, self.quantizer)
 
 
 def load_pretrained(path: str | os.PathLike, dtype: str = "float32") -> Codec:
@@ -150,11 +162,10 @@ def load_pretrained(path: str | os.PathLike, dtype: str = "float32") -> Codec:
     p = Path(path)
     if p.is_dir():
         if (p / checkpoint.PARAMS_SUBDIR).exists():
-            config, variables = checkpoint.load_converted(p)
-        else:
-            config, params = checkpoint.load_snac_directory(p)
-            variables = {"params": params}
-        return Codec(config, variables, dtype=dtype)
+            config, variables, quantizer = checkpoint.load_converted(p)
+            return Codec(config, variables, dtype=dtype, quantizer=quantizer)
+        config, params = checkpoint.load_snac_directory(p)
+        return Codec(config, {"params": params}, dtype=dtype)
     if isinstance(path, str) and not os.sep in path:
         try:
             config = get_preset(path)

@@ -373,22 +373,42 @@ def load_snac_directory(path: str | os.PathLike) -> tuple[SNACConfig, dict[str, 
     return config, state_dict_to_params(state, config)
 
 
-def save_converted(path: str | os.PathLike, config: SNACConfig, variables: dict[str, Any]) -> None:
-    """Write `config.json` and the variables (orbax) to `path` for fast reloading."""
+QUANTIZER_JSON = "quantizer.json"
+
+
+def save_converted(path: str | os.PathLike, config: SNACConfig, variables: dict[str, Any],
+                   quantizer=None) -> None:
+    """Write `config.json`, `quantizer.json` and the variables (orbax) to `path`."""
+    import dataclasses
+    import json
+
     import orbax.checkpoint as ocp
 
     path = Path(path).absolute()
     path.mkdir(parents=True, exist_ok=True)
     config.to_json(path / "config.json")
+    if quantizer is not None:
+        (path / QUANTIZER_JSON).write_text(json.dumps(dataclasses.asdict(quantizer), indent=2))
     with ocp.StandardCheckpointer() as checkpointer:
         checkpointer.save(path / PARAMS_SUBDIR, variables, force=True)
 
 
-def load_converted(path: str | os.PathLike) -> tuple[SNACConfig, dict[str, Any]]:
+def load_converted(path: str | os.PathLike):
+    """-> (config, variables, QuantizerConfig) from a directory written by `save_converted`."""
+    import json
+
     import orbax.checkpoint as ocp
+
+    from codec_jax.quantizer import QuantizerConfig
 
     path = Path(path).absolute()
     config = SNACConfig.from_json(path / "config.json")
+    quantizer = QuantizerConfig()
+    if (path / QUANTIZER_JSON).exists():
+        fields = json.loads((path / QUANTIZER_JSON).read_text())
+        if fields.get("codebook_sizes") is not None:
+            fields["codebook_sizes"] = tuple(fields["codebook_sizes"])
+        quantizer = QuantizerConfig(**fields)
     with ocp.StandardCheckpointer() as checkpointer:
         variables = checkpointer.restore(path / PARAMS_SUBDIR)
-    return config, variables
+    return config, variables, quantizer

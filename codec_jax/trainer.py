@@ -84,7 +84,7 @@ def load_generator_params(path: str, expected: Any) -> Any:
     by `Codec.save`; the checkpoint's `config.json` must describe the configured model."""
     p = Path(path)
     if (p / ckpt_io.PARAMS_SUBDIR).exists():
-        config, variables = ckpt_io.load_converted(p)
+        config, variables, _ = ckpt_io.load_converted(p)
         params = variables["params"]
     else:
         config, params = ckpt_io.load_snac_directory(p)

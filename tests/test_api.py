@@ -117,3 +117,26 @@ def test_bitrates_of_published_presets():
     assert round(codec_jax.get_preset("snac_24khz").bitrate() / 1000, 2) == 0.98
     assert round(codec_jax.get_preset("snac_32khz").bitrate() / 1000, 1) == 1.9
     assert round(codec_jax.get_preset("snac_44khz").bitrate() / 1000, 1) == 2.6
+
+
+def test_ema_codec_encodes_decodes_and_round_trips(tmp_path):
+    """A codec with EMA codebooks (the `codebook` collection) works through the public API
+    and survives save/load with its quantizer config."""
+    from codec_jax.quantizer import QuantizerConfig
+
+    config = codec_jax.get_preset("tiny")
+    quantizer = QuantizerConfig(kind="ema", codebook_sizes=(16, 32, 64))
+    variables = codec_jax.init_variables(config, 0, quantizer=quantizer)
+    assert "codebook" in variables
+    codec = codec_jax.Codec(config, variables, quantizer=quantizer)
+    audio = np.random.default_rng(4).normal(0, 0.2, (2, 3000)).astype(np.float32)
+    codes = codec.encode(audio)
+    assert [int(c.max()) < s for c, s in zip(codes, (16, 32, 64))] == [True] * 3
+    with pytest.raises(ValueError, match=r"codes\[0\]"):
+        codec.decode([codes[0] + 16] + list(codes[1:]))
+    out = np.asarray(codec.decode(codes, length=3000))
+    codec.save(tmp_path / "ema")
+    again = codec_jax.load_pretrained(str(tmp_path / "ema"))
+    assert again.quantizer == quantizer
+    np.testing.assert_array_equal(np.asarray(again.encode(audio)[1]), np.asarray(codes[1]))
+    np.testing.assert_array_equal(np.asarray(again.decode(codes, length=3000)), out)
