@@ -72,15 +72,25 @@ class TrainCheckpointer:
                        ) -> tuple[Optional[Any], Optional[int]]:
         """Restore the newest checkpoint that reads back, newest first.
 
-        A checkpoint that fails to restore (e.g. files lost from a bucket) is reported
-        and the previous one is tried. Returns `(None, None)` if there is none.
+        A checkpoint that fails to restore (files lost from a bucket, a half-copied
+        directory) is reported and the previous one is tried. Returns `(None, None)`
+        when there are no checkpoints. If there are some but none restores (typically:
+        the config now describes another model), raises instead of letting the run start
+        from scratch and rotate the old checkpoints away.
         """
+        errors = []
         for step in sorted(self.manager.all_steps(), reverse=True):
             try:
                 return self.restore(step, abstract_state, data_iterator), step
-            except (FileNotFoundError, ValueError, OSError, KeyError) as e:
+            except Exception as e:  # noqa: BLE001 - orbax/tensorstore raise many types
+                errors.append(f"  step {step}: {type(e).__name__}: {e}")
                 log.warning("checkpoint %d in %s could not be restored (%s: %s); "
                             "trying an older one", step, self.directory, type(e).__name__, e)
+        if errors:
+            raise RuntimeError(
+                f"none of the checkpoints in {self.directory} could be restored into the "
+                "configured train state (was the model, optimizer or data config changed?):\n"
+                + "\n".join(errors))
         return None, None
 
     def wait(self) -> None:

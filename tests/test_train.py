@@ -132,6 +132,25 @@ def test_tiny_config_trains_end_to_end(tmp_path, xla_cache):
     again = trainer.train_and_evaluate(config, str(tmp_path))
     assert again == {}
 
+    # A damaged newest checkpoint is passed over for the previous one...
+    import shutil
+
+    from codec_jax.data import pipeline
+
+    shutil.rmtree(tmp_path / "checkpoints" / "30" / "state")
+    setup = trainer.create_training_setup(config)
+    it = pipeline.create_train_iterator(config.data, global_batch_size=4, seed=0)
+    ckpt = TrainCheckpointer(tmp_path / "checkpoints")
+    state, step = ckpt.restore_latest(setup.restore_target(), it)
+    assert step == 15 and int(state.step) == 15
+    # ...but when nothing restores (here: another model), the run refuses to start over.
+    other = tiny_config(xla_cache)
+    other.discriminator.periods = (2, 3, 5)
+    with pytest.raises(RuntimeError, match="none of the checkpoints"):
+        ckpt.restore_latest(trainer.create_training_setup(other).restore_target(), it)
+    ckpt.close()
+    it.close()
+
 
 # ---------------------------------------------------------------------------------------
 # Exact resume
@@ -414,3 +433,30 @@ def test_cli_usage_and_errors(capsys):
     resolved = trainer._resolve_config_path(["--config", "snac_24khz.py:finetune"])
     assert resolved[1].endswith(os.path.join("configs", "snac_24khz.py") + ":finetune")
     assert os.path.exists(resolved[1].split(":")[0])
+
+
+def test_step_wiring_of_optional_losses_discriminators_and_balancer():
+    """Every config branch of the step traces: EnCodec balancer, hinge loss, MS-STFT
+    discriminator, MR-STFT and waveform losses, factorized codebooks, bfloat16 compute.
+    (Traced with `jax.eval_shape`, not compiled: the numerics of each piece are tested
+    with the losses / discriminators / quantizer.)"""
+    c = tiny.get_config("factorized")
+    c.model.dtype = "bfloat16"
+    c.losses.balancer.enabled = True
+    c.losses.gan_kind = "hinge"
+    c.losses.reduction = "mean"
+    c.losses.weights.stft = 1.0
+    c.losses.weights.waveform = 1.0
+    c.discriminator.kinds = ("msstft", "mpd")
+    setup = trainer.create_training_setup(c)
+    state = setup.abstract_state
+    batch = {"audio": jax.ShapeDtypeStruct((4, setup.num_samples), jnp.float32)}
+    new_state, metrics = jax.eval_shape(setup.p_train_step, state, batch)
+    assert jax.tree_util.tree_structure(new_state) == jax.tree_util.tree_structure(state)
+    for name in ("mel", "stft", "waveform", "adversarial", "feature_matching", "commitment",
+                 "codebook", "generator", "discriminator"):
+        assert metrics[f"loss/{name}"].shape == ()
+    assert "balancer/grad_ratio/mel" in metrics
+    assert state.balancer is not None and state.codebook == {}
+    # bfloat16 compute keeps float32 parameters and optimizer state.
+    assert {x.dtype for x in jax.tree_util.tree_leaves(state.gen_params)} == {jnp.dtype("float32")}
