@@ -167,19 +167,6 @@ PRESETS: dict[str, SNACConfig] = {
         noise=True,
         depthwise=True,
     ),
-    "snac_44khz": SNACConfig(
-        sampling_rate=44100,
-        encoder_dim=64,
-        encoder_rates=(2, 3, 8, 8),
-        decoder_dim=1536,
-        decoder_rates=(8, 8, 3, 2),
-        attn_window_size=32,
-        codebook_size=4096,
-        codebook_dim=8,
-        vq_strides=(8, 4, 2, 1),
-        noise=True,
-        depthwise=True,
-    ),
     # Small enough for CPU tests and smoke training, yet it exercises every
     # code path: odd stride (3), attention with 2 heads, depthwise, noise, 3 levels.
     "tiny": SNACConfig(
@@ -197,6 +184,10 @@ PRESETS: dict[str, SNACConfig] = {
         depthwise=True,
     ),
 }
+
+
+# The published 44.1 kHz model is the 32 kHz architecture at another sampling rate.
+PRESETS["snac_44khz"] = dataclasses.replace(PRESETS["snac_32khz"], sampling_rate=44100)
 
 
 def get_preset(name: str) -> SNACConfig:
