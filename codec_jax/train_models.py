@@ -9,7 +9,7 @@ keeps `train_step.py` about the GAN algorithm.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Optional
+from typing import Any
 
 import jax
 import jax.numpy as jnp

@@ -12,10 +12,9 @@ from typing import Any, Callable, Optional
 import flax
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import optax
-from jax.sharding import Mesh, NamedSharding
+from jax.sharding import Mesh
 
 from codec_jax import sharding as shard_lib
 

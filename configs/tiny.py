@@ -1,10 +1,13 @@
-"""A codec small enough to train on a laptop CPU in seconds: CI, smoke tests, examples.
+"""A codec small enough to train on a laptop CPU: CI, smoke tests, examples.
 
   codec-jax train --config configs/tiny.py --workdir /tmp/tiny_run
 
 The `tiny` preset (16 kHz, 3 levels of 64 codes) on 0.25 s synthetic crops, with a
 smaller discriminator and mel scales that fit the short crops. It exercises every
 code path of the real configs (GAN step, EMA codebooks, sharding, checkpoints, eval).
+On 2 CPU cores: about half a minute of compilation (once; set
+`--config.train.compilation_cache_dir` to keep it across restarts), then well under
+a second per step; the mel loss halves within ~30 steps.
 """
 
 from configs.base import apply_variants, base_config

@@ -23,7 +23,6 @@ import pytest
 from codec_jax import sharding as shard_lib
 from codec_jax import trainer
 from codec_jax.train_checkpoint import TrainCheckpointer
-from configs import base as config_base
 from configs import snac_24khz, snac_32khz, snac_44khz, tiny
 
 REPO = Path(__file__).resolve().parents[1]
@@ -368,7 +367,6 @@ def test_configs_build_their_models(module, preset, rate):
 
 def test_optimizer_schedule_and_clipping():
     import ml_collections
-    import optax
 
     from codec_jax import optim
 
