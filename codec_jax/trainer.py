@@ -341,12 +341,25 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                 break
             if (ckpt_every > 0 and step % ckpt_every == 0) or step == num_steps:
                 checkpointer.save(step, state, train_iter)
+            if step == num_steps:
+                export_codec(os.path.join(workdir, "export"), setup, state)
     finally:
         preemption.restore()
         checkpointer.close()
         writer.close()
         train_iter.close()
     return last_logged
+
+
+def export_codec(path: str, setup: TrainingSetup, state: ts.TrainState) -> None:
+    """Write the generator as an inference codec: `codec_jax.load_pretrained(path)` reads
+    it back (`config.json`, `quantizer.json`, parameters and EMA codebooks)."""
+    variables = {"params": state.gen_params}
+    if state.codebook:
+        variables["codebook"] = state.codebook
+    ckpt_io.save_converted(path, setup.generator.config, variables,
+                           quantizer=setup.generator.module.quantizer)
+    _print(f"exported the codec to {path}")
 
 
 def _check_skips(metrics: dict[str, jax.Array], step: int, max_skips: int) -> None:

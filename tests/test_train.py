@@ -127,6 +127,16 @@ def test_tiny_config_trains_end_to_end(tmp_path, xla_cache):
     assert b"\x89PNG" in content  # spectrogram images are encoded
     assert json.loads((tmp_path / "config.json").read_text())["model"]["preset"] == "tiny"
 
+    # The final generator is exported as an inference codec for the public API.
+    import codec_jax
+
+    codec = codec_jax.load_pretrained(str(tmp_path / "export"))
+    assert codec.quantizer.kind == "ema" and "codebook" in codec.variables
+    audio = np.random.default_rng(0).uniform(-0.1, 0.1, (1, 4000)).astype(np.float32)
+    codes = codec.encode(audio)
+    assert [c.shape[1] for c in codes] == codec.config.frames_per_level(4000)
+    assert codec.decode(codes, length=4000).shape == (1, 4000)
+
     # Running again with the same target resumes at step 30 and does nothing more.
     again = trainer.train_and_evaluate(config, str(tmp_path))
     assert again == {}
