@@ -140,13 +140,9 @@ def main():
 
     from codec_jax import get_preset
 
-    device = "cpu"
-    try:
-        import jax
+    import jax
 
-        device = jax.devices()[0].device_kind
-    except Exception:
-        pass
+    device = jax.devices()[0].device_kind
     rows = []
     for preset in args.presets:
         config = get_preset(preset)

@@ -86,6 +86,9 @@ def _as_audio(audio) -> jax.Array:
             "(use audio[None] for a single clip)"
         )
     check_audio(audio)
+    # Checked here, outside the jitted functions: NaN or inf would silently map to code 0.
+    if not bool(jnp.all(jnp.isfinite(audio))):
+        raise ValueError("audio contains NaN or infinite samples")
     return audio.astype(jnp.float32)
 
 

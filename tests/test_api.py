@@ -85,6 +85,8 @@ def test_public_jitted_functions_cache(codec):
     (np.zeros((1, 1, 100), np.float32), r"\[batch, samples\]"),
     (np.zeros((1, 0), np.float32), "no samples"),
     (np.zeros((1, 100), np.int16), "floating point"),
+    (np.full((1, 100), np.nan, np.float32), "NaN"),
+    (np.array([[0.0, np.inf]], np.float32), "infinite"),
 ])
 def test_bad_audio_is_rejected(codec, bad, message):
     with pytest.raises(ValueError, match=message):
