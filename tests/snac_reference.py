@@ -70,18 +70,29 @@ def perturb_parameters(model: TorchSNAC, seed: int) -> None:
 def codebooks_from_latents(model: TorchSNAC, audio: np.ndarray, seed: int) -> None:
     """Set each level's codebook to (noisy) copies of that level's projected residuals."""
     gen = torch.Generator().manual_seed(seed)
+
+    # The walk quantizes each level only after this loop body has set its codebook.
     with torch.no_grad():
-        x = model.preprocess(torch.from_numpy(audio)[:, None])
-        residual = model.encoder(x)
-        for q in model.quantizer.quantizers:
-            z = residual
-            if q.stride > 1:
-                z = torch.nn.functional.avg_pool1d(z, q.stride, q.stride)
-            z_e = q.in_proj(z).transpose(1, 2).reshape(-1, q.codebook_dim)
+        for q, z_e in _walk_levels(model, audio):
+            z_e = z_e.reshape(-1, q.codebook_dim)
             pick = torch.randint(0, z_e.shape[0], (q.codebook_size,), generator=gen)
             spread = z_e.std(0, keepdim=True)
             q.codebook.weight.copy_(z_e[pick] + 0.5 * spread * torch.randn(
                 q.codebook_size, q.codebook_dim, generator=gen))
+
+
+def _walk_levels(model: TorchSNAC, audio: np.ndarray):
+    """Yield `(level module, projected latents [batch, frames, codebook_dim])` per level, in
+    the reference's own residual order; each level quantizes after the consumer's loop body,
+    so the consumer may still edit that level's codebook."""
+    with torch.no_grad():
+        residual = model.encoder(model.preprocess(torch.from_numpy(audio)[:, None]))
+        for q in model.quantizer.quantizers:
+            z = residual
+            if q.stride > 1:
+                z = torch.nn.functional.avg_pool1d(z, q.stride, q.stride)
+            z_e = q.in_proj(z).transpose(1, 2)
+            yield q, z_e
             z_q, _ = q(residual)
             residual = residual - z_q
 
@@ -144,19 +155,10 @@ def reference_margins(model: TorchSNAC, audio: np.ndarray) -> list[np.ndarray]:
     """Per level `[batch, frames]`: distance gap between the reference's best and second-best
     code. A disagreement between implementations is only acceptable where this is tiny."""
     margins = []
-    with torch.no_grad():
-        x = model.preprocess(torch.from_numpy(audio)[:, None])
-        residual = model.encoder(x)
-        for q in model.quantizer.quantizers:
-            z = residual
-            if q.stride > 1:
-                z = torch.nn.functional.avg_pool1d(z, q.stride, q.stride)
-            z_e = q.in_proj(z).transpose(1, 2)
-            e = torch.nn.functional.normalize(z_e, dim=-1)
-            c = torch.nn.functional.normalize(q.codebook.weight, dim=-1)
-            dist = (e.pow(2).sum(-1, keepdim=True) - 2 * e @ c.t() + c.pow(2).sum(-1))
-            two = dist.topk(2, dim=-1, largest=False).values
-            margins.append((two[..., 1] - two[..., 0]).numpy())
-            z_q, _ = q(residual)
-            residual = residual - z_q
+    for q, z_e in _walk_levels(model, audio):
+        e = torch.nn.functional.normalize(z_e, dim=-1)
+        c = torch.nn.functional.normalize(q.codebook.weight, dim=-1)
+        dist = (e.pow(2).sum(-1, keepdim=True) - 2 * e @ c.t() + c.pow(2).sum(-1))
+        two = dist.topk(2, dim=-1, largest=False).values
+        margins.append((two[..., 1] - two[..., 0]).numpy())
     return margins
