@@ -80,20 +80,25 @@ def bench_jax(config, batch, seconds, dtype, repeats):
     return results, batch * samples / config.sampling_rate
 
 
-def bench_torch(config, batch, seconds, dtype, repeats, compile_):
+def bench_torch(config, batches, seconds, dtype, repeats, compile_):
+    """Times the reference on each batch size in turn, yielding (batch, results, audio_s).
+
+    One model and, with `compile_`, one `torch.compile` wrapper per function serve every
+    batch size, as a user's job would: the first batch size compiles a static graph, the
+    second recompiles with the batch dimension dynamic (torch's default "automatic
+    dynamic shapes"), later ones reuse that graph. Each row's first-call time says which.
+    """
     import torch
     from snac import SNAC
 
     torch.backends.cudnn.benchmark = True
+    if compile_:
+        torch._dynamo.reset()  # no graphs or recompile budget carried over from the last config
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model = SNAC(**config.to_dict()).eval().to(device)
     model.hop_length = int(model.hop_length)  # numpy int breaks dynamo guards
     samples = config.padded_length(int(seconds * config.sampling_rate))
-    gen = torch.Generator(device=device).manual_seed(1)
-    audio = torch.randn(batch, 1, samples, device=device, generator=gen) * 0.1
     frames = config.frames_per_level(samples)
-    codes = [torch.randint(0, config.codebook_size, (batch, f), device=device, generator=gen)
-             for f in frames]
     amp = dtype == "bfloat16"
 
     def run(fn):
@@ -111,20 +116,41 @@ def bench_torch(config, batch, seconds, dtype, repeats, compile_):
         if device == "cuda":
             torch.cuda.synchronize()
 
-    results = {}
-    for name, fn, arg in (("encode", encode, audio), ("decode", decode, codes)):
-        if device == "cuda":
-            torch.cuda.empty_cache()
-            torch.cuda.reset_peak_memory_stats()
-        t0 = time.perf_counter()
-        sync(fn(arg))
-        first = time.perf_counter() - t0
-        sync(fn(arg))
-        med, lo, hi = _median_time(lambda: fn(arg), sync, repeats)
-        peak = torch.cuda.max_memory_allocated() / 1e9 if device == "cuda" else None
-        results[name] = dict(seconds=med, min=lo, max=hi, first_call=first, peak_gb=peak)
-    del model
-    return results, batch * samples / config.sampling_rate
+    for batch in batches:
+        try:
+            gen = torch.Generator(device=device).manual_seed(1)
+            audio = torch.randn(batch, 1, samples, device=device, generator=gen) * 0.1
+            codes = [torch.randint(0, config.codebook_size, (batch, f), device=device, generator=gen)
+                     for f in frames]
+            results = {}
+            for name, fn, arg in (("encode", encode, audio), ("decode", decode, codes)):
+                if device == "cuda":
+                    torch.cuda.empty_cache()
+                    torch.cuda.reset_peak_memory_stats()
+                t0 = time.perf_counter()
+                sync(fn(arg))
+                first = time.perf_counter() - t0
+                sync(fn(arg))
+                med, lo, hi = _median_time(lambda: fn(arg), sync, repeats)
+                peak = torch.cuda.max_memory_allocated() / 1e9 if device == "cuda" else None
+                results[name] = dict(seconds=med, min=lo, max=hi, first_call=first, peak_gb=peak)
+            del audio, codes
+        except Exception as e:  # e.g. out of memory: record it and go on to the next size
+            if device == "cuda":
+                torch.cuda.empty_cache()
+            yield batch, e, None
+        else:
+            yield batch, results, batch * samples / config.sampling_rate
+
+
+def bench_jax_batches(config, batches, seconds, dtype, repeats):
+    for batch in batches:
+        try:
+            results, audio_s = bench_jax(config, batch, seconds, dtype, repeats)
+        except Exception as e:
+            yield batch, e, None
+        else:
+            yield batch, results, audio_s
 
 
 def main():
@@ -148,15 +174,14 @@ def main():
         config = get_preset(preset)
         for impl in args.impls:
             for dtype in args.dtypes:
-                for batch in args.batches:
-                    try:
-                        if impl == "jax":
-                            res, audio_s = bench_jax(config, batch, args.seconds, dtype, args.repeats)
-                        else:
-                            res, audio_s = bench_torch(config, batch, args.seconds, dtype, args.repeats,
-                                                       compile_=impl == "torch_compile")
-                    except Exception as e:  # e.g. out of memory: record it and go on
-                        msg = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
+                if impl == "jax":
+                    runs = bench_jax_batches(config, args.batches, args.seconds, dtype, args.repeats)
+                else:
+                    runs = bench_torch(config, args.batches, args.seconds, dtype, args.repeats,
+                                       compile_=impl == "torch_compile")
+                for batch, res, audio_s in runs:
+                    if isinstance(res, Exception):  # e.g. out of memory: record it and go on
+                        msg = f"{type(res).__name__}: {str(res).splitlines()[0][:200]}"
                         print(f"{preset} {impl} {dtype} b{batch}: FAILED {msg}", flush=True)
                         row = dict(preset=preset, impl=impl, dtype=dtype, batch=batch, error=msg)
                     else:

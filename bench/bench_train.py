@@ -241,6 +241,8 @@ def main(argv=None) -> int:
                    help="peak dense TFLOP/s per device for MFU (default: table by device kind)")
     p.add_argument("--skip-torch", action="store_true")
     p.add_argument("--skip-gan", action="store_true")
+    p.add_argument("--skip-generator", action="store_true",
+                   help="only the GAN step rows (e.g. for a multi-device scaling run)")
     p.add_argument("--json", default=None, help="also write the results here")
     args = p.parse_args(argv)
 
@@ -263,9 +265,10 @@ def main(argv=None) -> int:
         rows.append(row)
         print(json.dumps(row), flush=True)
 
-    add("jax generator (fwd+bwd+AdamW, L1)",
-        bench_jax_generator(args.preset, audio, args.dtype, args.warmup, args.steps))
-    if not args.skip_torch:
+    if not args.skip_generator:
+        add("jax generator (fwd+bwd+AdamW, L1)",
+            bench_jax_generator(args.preset, audio, args.dtype, args.warmup, args.steps))
+    if not (args.skip_torch or args.skip_generator):
         try:
             res = bench_torch_generator(args.preset, audio, args.dtype, args.warmup, args.steps)
             add(f"torch SNAC generator ({res['device']}, eager)", res)
@@ -298,9 +301,9 @@ def main(argv=None) -> int:
         print(f"| {r['name']} | {r['devices']} | {r['batch']} | {r['step_ms']:.1f} "
               f"| {r['audio_s_per_s']:.1f} "
               f"| {tf} | {mfu} | {sc} |")
-    jax_row = next(r for r in rows if r["name"].startswith("jax generator"))
+    jax_row = next((r for r in rows if r["name"].startswith("jax generator")), None)
     torch_row = next((r for r in rows if r["name"].startswith("torch")), None)
-    if torch_row:
+    if jax_row and torch_row:
         print(f"\nJAX / PyTorch generator step speed-up: "
               f"{torch_row['step_ms'] / jax_row['step_ms']:.2f}x")
     if args.json:
