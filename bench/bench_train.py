@@ -19,9 +19,11 @@ Rows:
     discriminator update, both AdamWs) on one device, then data-parallel over all
     local devices with the per-device batch kept (weak scaling) when there are several.
 
-MFU = XLA's FLOP count of the compiled step (`cost_analysis()["flops"]`, per device)
-/ step time / the device's peak dense FLOP/s for the compute dtype (a table below, or
-`--peak-tflops`). XLA counts a convolution's multiply-adds as 2 FLOPs.
+MFU = FLOPs of one step per device / step time / the device's peak dense FLOP/s for the
+compute dtype (a table below, or `--peak-tflops`). FLOPs come from XLA's cost analysis of
+the unoptimised step (`Lowered.cost_analysis()`): every convolution and matmul, forward
+and backward, a multiply-add counted as 2 FLOPs, plus elementwise work. (The compiled
+executable's analysis undercounts on GPUs, see `step_flops`.)
 """
 
 from __future__ import annotations
@@ -83,12 +85,20 @@ def time_steps(step: Callable[[], Any], warmup: int, steps: int) -> float:
     return (time.perf_counter() - t0) / steps
 
 
-def compiled_flops(compiled) -> Optional[float]:
-    analysis = compiled.cost_analysis()
+def step_flops(lowered, num_devices: int = 1) -> Optional[float]:
+    """FLOPs per device of one step, from XLA's cost analysis of the *unoptimised* HLO.
+
+    The compiled executable's own analysis cannot be used on GPUs: there XLA has already
+    turned convolutions into cuDNN custom calls, which it counts as zero FLOPs (measured:
+    30x too few for SNAC). The unoptimised module still holds them as convolutions. It
+    describes the global (unpartitioned) step, so a data-parallel step's count is split
+    evenly over the devices.
+    """
+    analysis = lowered.cost_analysis()
     if isinstance(analysis, list):  # older JAX: one dict per program
         analysis = analysis[0] if analysis else {}
     flops = (analysis or {}).get("flops")
-    return float(flops) if flops else None
+    return float(flops) / num_devices if flops else None
 
 
 def audio_batch(batch: int, samples: int, seed: int = 0) -> np.ndarray:
@@ -126,7 +136,8 @@ def bench_jax_generator(preset: str, audio: np.ndarray, dtype: str, warmup: int,
     x = jnp.asarray(audio)
     key = jax.random.key(1)
     t0 = time.perf_counter()
-    compiled = jax.jit(step, donate_argnums=(0, 1)).lower(params, opt_state, x, key).compile()
+    lowered = jax.jit(step, donate_argnums=(0, 1)).lower(params, opt_state, x, key)
+    compiled = lowered.compile()
     compile_s = time.perf_counter() - t0
     state = [params, opt_state]
 
@@ -135,7 +146,7 @@ def bench_jax_generator(preset: str, audio: np.ndarray, dtype: str, warmup: int,
         return loss
 
     seconds = time_steps(run, warmup, steps)
-    return dict(step_s=seconds, flops=compiled_flops(compiled), compile_s=compile_s,
+    return dict(step_s=seconds, flops=step_flops(lowered), compile_s=compile_s,
                 params=int(sum(np.prod(p.shape) for p in jax.tree_util.tree_leaves(params))))
 
 
@@ -210,7 +221,8 @@ def bench_gan_step(preset: str, batch: int, seconds: float, dtype: str, devices:
     batch_arrays = shard_lib.make_global_batch(
         {"audio": audio_batch(batch, setup.num_samples)}, setup.mesh)
     t0 = time.perf_counter()
-    compiled = setup.p_train_step.lower(state, batch_arrays).compile()
+    lowered = setup.p_train_step.lower(state, batch_arrays)
+    compiled = lowered.compile()
     compile_s = time.perf_counter() - t0
     box = [state]
 
@@ -219,7 +231,7 @@ def bench_gan_step(preset: str, batch: int, seconds: float, dtype: str, devices:
         return metrics["loss/generator"]
 
     seconds_per_step = time_steps(run, warmup, steps)
-    return dict(step_s=seconds_per_step, flops=compiled_flops(compiled), compile_s=compile_s,
+    return dict(step_s=seconds_per_step, flops=step_flops(lowered, len(devices)), compile_s=compile_s,
                 gen_params=int(sum(np.prod(p.shape) for p in jax.tree_util.tree_leaves(state.gen_params))),
                 disc_params=int(sum(np.prod(p.shape) for p in jax.tree_util.tree_leaves(state.disc_params))))
 
