@@ -134,6 +134,8 @@ class Codec:
         for level, (stride, x) in enumerate(zip(c.vq_strides, codes)):
             if x.ndim != 2:
                 raise ValueError(f"codes[{level}] must be [batch, frames], got shape {x.shape}")
+            if x.shape[1] == 0:
+                raise ValueError(f"codes[{level}] has no frames: nothing to decode")
             frames = x.shape[1] * stride
             if finest is None:
                 finest = frames
@@ -143,8 +145,9 @@ class Codec:
                     f"{finest // stride} to match level 0"
                 )
         sizes = self.quantizer.level_codebook_sizes(c.n_levels, c.codebook_size)
-        for level, (size, x) in enumerate(zip(sizes, codes)):
-            lo, hi = int(jnp.min(x)), int(jnp.max(x))
+        # One device-to-host transfer for every level's range, not two per level.
+        bounds = jax.device_get([(jnp.min(x), jnp.max(x)) for x in codes])
+        for level, (size, (lo, hi)) in enumerate(zip(sizes, bounds)):
             if lo < 0 or hi >= size:
                 raise ValueError(f"codes[{level}]: code values must be in [0, {size}), got [{lo}, {hi}]")
 

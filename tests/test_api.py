@@ -101,6 +101,10 @@ def test_bad_codes_are_rejected(codec):
         codec.decode([codes[0], codes[1][:, :-1], codes[2]])
     with pytest.raises(ValueError, match="levels"):
         codec.decode(list(codes) + [codes[-1]])
+    with pytest.raises(ValueError, match="no frames"):
+        codec.decode([c[:, :0] for c in codes])
+    with pytest.raises(ValueError, match=r"codes\[1\]: code values"):  # names the bad level
+        codec.decode([codes[0], codes[1] - codes[1] - 1, codes[2]])
 
 
 def test_bfloat16_compute_stays_close(codec):
