@@ -46,6 +46,7 @@ if str(REPO) not in sys.path:
 
 from codec_jax import sharding as shard_lib  # noqa: E402
 from codec_jax.config import get_preset  # noqa: E402
+from codec_jax.data import synthetic  # noqa: E402
 from codec_jax.models import SNAC  # noqa: E402
 from codec_jax.quantizer import QuantizerConfig  # noqa: E402
 
@@ -114,15 +115,12 @@ def step_flops(lowered, num_devices: int = 1) -> Optional[float]:
     return float(flops) / num_devices if flops else None
 
 
-def audio_batch(batch: int, samples: int, seed: int = 0) -> np.ndarray:
-    """Band-limited noise plus tones, float32 `[batch, samples]` at about -20 dBFS."""
-    rng = np.random.default_rng(seed)
-    t = np.arange(samples) / 16000.0
-    tones = np.sin(2 * np.pi * rng.uniform(80, 2000, (batch, 1)) * t)
-    noise = np.cumsum(rng.standard_normal((batch, samples)), axis=1)
-    noise -= noise.mean(axis=1, keepdims=True)
-    noise /= np.abs(noise).max(axis=1, keepdims=True) + 1e-9
-    return (0.05 * tones + 0.05 * noise).astype(np.float32)
+def audio_batch(batch: int, samples: int, sample_rate: int, seed: int = 0) -> np.ndarray:
+    """float32 `[batch, samples]` from the project's synthetic source (tones, chirps,
+    noise, mixtures; never silence, whose near-zero samples could time differently)."""
+    kinds = tuple(k for k in synthetic.KINDS if k != "silence")
+    return np.stack([synthetic.signal_at(seed, i, sample_rate=sample_rate, num_samples=samples,
+                                         kinds=kinds)[1] for i in range(batch)])
 
 
 # ---------------------------------------------------------------------------------------
@@ -236,7 +234,7 @@ def compile_gan_step(preset: str, batch: int, seconds: float, dtype: str, device
     jax.block_until_ready(state)
     init_s = time.perf_counter() - t0
     batch_arrays = shard_lib.make_global_batch(
-        {"audio": audio_batch(batch, setup.num_samples)}, setup.mesh)
+        {"audio": audio_batch(batch, setup.num_samples, config.data.sample_rate)}, setup.mesh)
     t0 = time.perf_counter()
     lowered = setup.p_train_step.lower(state, batch_arrays)
     compiled = lowered.compile()
@@ -288,7 +286,7 @@ def main(argv=None) -> int:
     device = jax.devices()[0]
     rate = get_preset(args.preset).sampling_rate
     samples = int(round(args.seconds * rate))
-    audio = audio_batch(args.batch, samples)
+    audio = audio_batch(args.batch, samples, rate)
     audio_s = args.batch * samples / rate
     peak = peak_flops(device, args.dtype, args.peak_tflops)
     rows: list[dict[str, Any]] = []
