@@ -44,11 +44,11 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from codec_jax import sharding as shard_lib  # noqa: E402
+from codec_jax.training import sharding as shard_lib  # noqa: E402
 from codec_jax.config import get_preset  # noqa: E402
 from codec_jax.data import synthetic  # noqa: E402
-from codec_jax.models import SNAC  # noqa: E402
-from codec_jax.quantizer import QuantizerConfig  # noqa: E402
+from codec_jax.nn.snac import SNAC  # noqa: E402
+from codec_jax.nn.quantizer import QuantizerConfig  # noqa: E402
 
 # Peak dense TFLOP/s per device by (device-kind substring, dtype). Sources: vendor data
 # sheets (NVIDIA H100/H200 SXM, A100; Google Cloud TPU pages). float32 on NVIDIA means
@@ -213,7 +213,7 @@ def bench_torch_generator(preset: str, audio: np.ndarray, dtype: str, warmup: in
 def gan_config(preset: str, batch: int, seconds: float, dtype: str, data: int):
     import importlib
 
-    module = importlib.import_module(f"configs.{preset}")
+    module = importlib.import_module(f"codec_jax.configs.{preset}")
     c = module.get_config()
     c.train.batch_size = batch
     c.data.crop_seconds = seconds
@@ -225,7 +225,7 @@ def gan_config(preset: str, batch: int, seconds: float, dtype: str, data: int):
 def compile_gan_step(preset: str, batch: int, seconds: float, dtype: str, devices: list
                      ) -> dict[str, Any]:
     """Builds the trainer's state on `devices` and compiles its train step (no timing yet)."""
-    from codec_jax import trainer
+    from codec_jax.training import loop as trainer
 
     config = gan_config(preset, batch, seconds, dtype, len(devices))
     setup = trainer.create_training_setup(config, devices=devices)

@@ -14,12 +14,11 @@ from typing import Any, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from codec_jax import checkpoint
 from codec_jax.config import SNACConfig, get_preset
-from codec_jax.models import SNAC, check_audio
-from codec_jax.quantizer import QuantizerConfig
+from codec_jax.nn.snac import SNAC, check_audio
+from codec_jax.nn.quantizer import QuantizerConfig
 
 Array = jax.Array
 Variables = dict[str, Any]

@@ -260,8 +260,8 @@ def state_dict_to_params(state_dict: dict[str, np.ndarray], config: SNACConfig) 
     import jax
     import jax.numpy as jnp
 
-    from codec_jax.models import SNAC
-    from codec_jax.layers import rotary_frequencies
+    from codec_jax.nn.snac import SNAC
+    from codec_jax.nn.layers import rotary_frequencies
 
     # Expected shapes come from the model itself, so the check can never drift from the code.
     dummy = jnp.zeros((1, config.pad_multiple), jnp.float32)
@@ -399,7 +399,7 @@ def load_converted(path: str | os.PathLike):
 
     import orbax.checkpoint as ocp
 
-    from codec_jax.quantizer import QuantizerConfig
+    from codec_jax.nn.quantizer import QuantizerConfig
 
     path = Path(path).absolute()
     config = SNACConfig.from_json(path / "config.json")

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import math
 import time
 from typing import Any, Optional, Sequence
 
@@ -38,7 +37,7 @@ import numpy as np
 import optax
 from flax import linen as nn
 
-from codec_jax.quantizer import CODEBOOK_COLLECTION, QuantizerConfig, ResidualVQ, bits_per_frame
+from codec_jax.nn.quantizer import CODEBOOK_COLLECTION, QuantizerConfig, ResidualVQ, bits_per_frame
 
 GROWTH = ["realgdp", "realcons", "realinv", "realgovt", "realdpi", "cpi", "m1", "pop"]
 RATES = ["tbilrate", "unemp", "infl", "realint"]

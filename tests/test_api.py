@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 import codec_jax
-from codec_jax import models
+from codec_jax.nn import snac as models
 
 
 @pytest.fixture(scope="module")
@@ -128,7 +128,7 @@ def test_bitrates_of_published_presets():
 def test_ema_codec_encodes_decodes_and_round_trips(tmp_path):
     """A codec with EMA codebooks (the `codebook` collection) works through the public API
     and survives save/load with its quantizer config."""
-    from codec_jax.quantizer import QuantizerConfig
+    from codec_jax.nn.quantizer import QuantizerConfig
 
     config = codec_jax.get_preset("tiny")
     quantizer = QuantizerConfig(kind="ema", codebook_sizes=(16, 32, 64))

@@ -56,7 +56,7 @@ def test_chunked_encode_equals_whole_encode_on_chunk_boundaries(model_dir):
     """Chunks are whole multiples of the padding unit, so each chunk's codes are exactly the
     codes of encoding that chunk alone (no frame is split between chunks)."""
     import codec_jax
-    from codec_jax.tools import encode_array
+    from codec_jax.cli.codec import encode_array
 
     codec = codec_jax.load_pretrained(str(model_dir))
     audio = np.random.default_rng(0).normal(0, 0.1, 3 * codec.config.pad_multiple).astype(np.float32)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 NOTEBOOK = Path(__file__).parent.parent / "colab" / "quickstart.ipynb"

@@ -16,7 +16,9 @@ import soundfile as sf
 import soxr
 import tensorflow_datasets as tfds
 
-from codec_jax.data import audio_io, folder_builder, prepare
+from codec_jax.audio import io as audio_io
+from codec_jax.cli import prepare as prepare_cli
+from codec_jax.data import folder_builder, prepare
 
 SR = 24000
 
@@ -79,7 +81,7 @@ def built(tmp_path_factory):
         f.write("hello")
     data_dir = tmp_path_factory.mktemp("tfds")
     report_path = os.path.join(data_dir, "report.json")
-    rc = prepare.main([
+    rc = prepare_cli.main([
         str(root), "--name", "unit_folder", "--data-dir", str(data_dir), "--sample-rate", str(SR),
         "--validation-fraction", "0.25", "--workers", "0", "--report", report_path, "--quiet",
     ])
@@ -172,7 +174,7 @@ def test_no_tensorflow_needed(built):
 def test_existing_dataset_is_kept_without_overwrite(built, tmp_path, capsys):
     target = os.path.join(built["data_dir"], "unit_folder", folder_builder.VERSION)
     before = sorted(os.listdir(target))
-    rc = prepare.main([built["root"], "--name", "unit_folder", "--data-dir", built["data_dir"],
+    rc = prepare_cli.main([built["root"], "--name", "unit_folder", "--data-dir", built["data_dir"],
                        "--workers", "0", "--quiet"])
     assert rc == 1
     assert "--overwrite" in capsys.readouterr().err
@@ -185,7 +187,7 @@ def test_failed_build_leaves_nothing_and_failed_overwrite_keeps_old(tmp_path, ca
     (src / "x.wav").write_bytes(b"not audio")
     (src / "y.flac").write_bytes(b"")
     data_dir = tmp_path / "tfds"
-    rc = prepare.main([str(src), "--name", "all_bad", "--data-dir", str(data_dir), "--workers", "0", "--quiet"])
+    rc = prepare_cli.main([str(src), "--name", "all_bad", "--data-dir", str(data_dir), "--workers", "0", "--quiet"])
     assert rc == 1
     assert "nothing was written" in capsys.readouterr().err
     assert not (data_dir / "all_bad").exists()
@@ -194,9 +196,9 @@ def test_failed_build_leaves_nothing_and_failed_overwrite_keeps_old(tmp_path, ca
     good = tmp_path / "good"
     good.mkdir()
     sf.write(good / "a.wav", _tone(1.0, SR), SR, subtype="PCM_16")
-    assert prepare.main([str(good), "--name", "keep_me", "--data-dir", str(data_dir),
+    assert prepare_cli.main([str(good), "--name", "keep_me", "--data-dir", str(data_dir),
                          "--validation-fraction", "0", "--workers", "0", "--quiet"]) == 0
-    rc = prepare.main([str(src), "--name", "keep_me", "--data-dir", str(data_dir), "--overwrite",
+    rc = prepare_cli.main([str(src), "--name", "keep_me", "--data-dir", str(data_dir), "--overwrite",
                        "--workers", "0", "--quiet"])
     assert rc == 1
     src_ds = tfds.data_source("keep_me", data_dir=str(data_dir))
@@ -223,7 +225,7 @@ def test_bad_file_drawn_into_validation_does_not_kill_the_build(tmp_path):
 
 
 def test_parallel_workers_give_the_same_dataset(built, tmp_path):
-    rc = prepare.main([built["root"], "--name", "unit_folder", "--data-dir", str(tmp_path),
+    rc = prepare_cli.main([built["root"], "--name", "unit_folder", "--data-dir", str(tmp_path),
                        "--validation-fraction", "0.25", "--workers", "2", "--quiet"])
     assert rc == 0
     a = _all_records(built["data_dir"], "unit_folder")
@@ -258,13 +260,13 @@ def test_worker_crash_is_reported_not_fatal():
 @pytest.mark.parametrize("name, msg", [("LibriSpeech", "not valid"), ("librispeech", "catalog"),
                                        ("1abc", "not valid")])
 def test_bad_dataset_names_are_rejected(tmp_path, capsys, name, msg):
-    rc = prepare.main([str(tmp_path), "--name", name, "--data-dir", str(tmp_path / "d"), "--quiet"])
+    rc = prepare_cli.main([str(tmp_path), "--name", name, "--data-dir", str(tmp_path / "d"), "--quiet"])
     assert rc == 2
     assert msg in capsys.readouterr().err
 
 
 def test_missing_source_folder(tmp_path, capsys):
-    rc = prepare.main([str(tmp_path / "nope"), "--name", "x_missing", "--data-dir", str(tmp_path), "--quiet"])
+    rc = prepare_cli.main([str(tmp_path / "nope"), "--name", "x_missing", "--data-dir", str(tmp_path), "--quiet"])
     assert rc == 2
     assert "does not exist" in capsys.readouterr().err
 

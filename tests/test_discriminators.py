@@ -1,4 +1,4 @@
-"""Tests for codec_jax.discriminators.
+"""Tests for codec_jax.nn.discriminators.
 
 Parity tests port random weights from small PyTorch transcriptions of the
 reference modules (DAC ``MPD`` / ``MRD``, EnCodec ``DiscriminatorSTFT``, written
@@ -22,7 +22,7 @@ from torch import nn as tnn
 from torch.nn.utils.parametrizations import weight_norm
 
 from codec_jax import losses
-from codec_jax.discriminators import (
+from codec_jax.nn.discriminators import (
     DAC_BANDS,
     Discriminator,
     MultiBandSTFTDiscriminator,
@@ -385,7 +385,7 @@ def test_bf16_compute_with_f32_params(tiny_setup):
 
 
 def test_weight_norm_conv_init_and_parametrisation():
-    from codec_jax.discriminators import WNConv2d
+    from codec_jax.nn.discriminators import WNConv2d
 
     x = jnp.asarray(_audio(batch=1, samples=48).reshape(1, 6, 8, 1))
     conv = WNConv2d(3, (3, 3), strides=(1, 2), padding=(1, 1))

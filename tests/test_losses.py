@@ -1,4 +1,4 @@
-"""Tests for codec_jax.spectral and codec_jax.losses."""
+"""Tests for codec_jax.audio.spectral and codec_jax.losses."""
 
 from __future__ import annotations
 
@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from codec_jax import losses
-from codec_jax.spectral import frame_signal, hz_to_mel, mel_filterbank, mel_to_hz, safe_magnitude, stft, window_function
+from codec_jax.training.balancer import Balancer
+from codec_jax.audio.spectral import frame_signal, hz_to_mel, mel_filterbank, mel_to_hz, safe_magnitude, stft, window_function
 
 SAMPLE_RATE = 16000
 
@@ -365,7 +366,7 @@ def _split_losses():
 
 def test_balancer_gives_each_loss_gradient_norm_proportional_to_weight():
     loss_fns, output, half = _split_losses()
-    balancer = losses.Balancer(weights={"big": 1.0, "small": 3.0}, total_norm=2.0)
+    balancer = Balancer(weights={"big": 1.0, "small": 3.0}, total_norm=2.0)
     state = balancer.init()
     grad, state, metrics = balancer.balance_losses(loss_fns, output, state)
     big_norm = float(jnp.linalg.norm(grad[:, :half]))
@@ -380,7 +381,7 @@ def test_balancer_gives_each_loss_gradient_norm_proportional_to_weight():
 
 
 def test_balancer_ema_uses_bias_corrected_average_of_norms():
-    balancer = losses.Balancer(weights={"a": 1.0}, ema_decay=0.5, per_batch_item=False)
+    balancer = Balancer(weights={"a": 1.0}, ema_decay=0.5, per_batch_item=False)
     state = balancer.init()
     _, state, _ = balancer.balance_gradients({"a": jnp.array([[3.0, 4.0]])}, state)  # norm 5
     grad, state, _ = balancer.balance_gradients({"a": jnp.array([[0.0, 10.0]])}, state)  # norm 10
@@ -391,10 +392,10 @@ def test_balancer_ema_uses_bias_corrected_average_of_norms():
 
 def test_balancer_per_batch_item_norm_and_plain_weighted_sum():
     grads = {"a": jnp.array([[3.0, 4.0], [0.0, 1.0]]), "b": jnp.ones((2, 2))}
-    per_item = losses.Balancer(weights={"a": 1.0, "b": 1.0})
+    per_item = Balancer(weights={"a": 1.0, "b": 1.0})
     _, _, metrics = per_item.balance_gradients(grads, per_item.init())
     assert float(metrics["grad_norm/a"]) == pytest.approx((5.0 + 1.0) / 2)
-    plain = losses.Balancer(weights={"a": 2.0, "b": 0.5}, rescale_grads=False)
+    plain = Balancer(weights={"a": 2.0, "b": 0.5}, rescale_grads=False)
     combined, _, _ = plain.balance_gradients(grads, plain.init())
     np.testing.assert_allclose(combined, 2.0 * grads["a"] + 0.5 * grads["b"])
 
@@ -403,17 +404,17 @@ def test_balancer_reproduces_encodec_reference_test():
     # encodec/balancer.py test(): opposing L1 losses, the second scaled 100x.
     output = jnp.zeros((1,))
     loss_fns = {"1": lambda x: jnp.mean(jnp.abs(x - 1.0)), "2": lambda x: 100.0 * jnp.mean(jnp.abs(x + 1.0))}
-    plain = losses.Balancer(weights={"1": 1.0, "2": 1.0}, rescale_grads=False)
+    plain = Balancer(weights={"1": 1.0, "2": 1.0}, rescale_grads=False)
     grad, _, _ = plain.balance_losses(loss_fns, output, plain.init())
     np.testing.assert_allclose(grad, [99.0])
-    balanced = losses.Balancer(weights={"1": 1.0, "2": 1.0})
+    balanced = Balancer(weights={"1": 1.0, "2": 1.0})
     grad, _, _ = balanced.balance_losses(loss_fns, output, balanced.init())
     np.testing.assert_allclose(grad, [0.0], atol=1e-6)
 
 
 def test_balancer_is_jittable_and_state_is_a_pytree():
     loss_fns, output, half = _split_losses()
-    balancer = losses.Balancer(weights={"big": 1.0, "small": 1.0})
+    balancer = Balancer(weights={"big": 1.0, "small": 1.0})
 
     @jax.jit
     def step(y, state):

@@ -4,7 +4,6 @@ health metrics, and the SNAC wiring of the `"codebook"` collection."""
 
 from __future__ import annotations
 
-import functools
 
 import jax
 import jax.numpy as jnp
@@ -13,8 +12,8 @@ import pytest
 from scipy import stats
 
 from codec_jax.config import PRESETS, SNACConfig
-from codec_jax.models import SNAC
-from codec_jax.quantizer import (
+from codec_jax.nn.snac import SNAC
+from codec_jax.nn.quantizer import (
     QuantizerConfig,
     ResidualVQ,
     VQLevel,
@@ -22,7 +21,6 @@ from codec_jax.quantizer import (
     bitrate,
     bits_per_frame,
     code_health,
-    ema_update,
     kmeans,
     sample_levels_used,
 )

@@ -36,7 +36,7 @@ def _run_check() -> None:
     import numpy as np
     from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-    from codec_jax.quantizer import QuantizerConfig, ResidualVQ, ema_update
+    from codec_jax.nn.quantizer import QuantizerConfig, ResidualVQ, ema_update
 
     assert jax.device_count() == N_DEVICES, jax.devices()
     # Dropout, k-means init (step 0) and dead-code restarts (threshold 4 with ~8 vectors

@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from codec_jax import sharding as shard_lib
+from codec_jax.training import sharding as shard_lib
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -54,10 +54,11 @@ def test_mesh_sizes_and_batch_checks():
 _WORKER = textwrap.dedent('''
     import json, os, sys
     import jax, numpy as np
-    from configs import tiny
-    from codec_jax import trainer, sharding as S
+    from codec_jax.configs import tiny
+    from codec_jax.training import loop as trainer
+    from codec_jax.training import sharding as S
     from codec_jax.data import pipeline
-    from codec_jax.train_checkpoint import TrainCheckpointer
+    from codec_jax.training.checkpoint import TrainCheckpointer
 
     assert jax.device_count() == 8, jax.devices()
     out_dir = sys.argv[1]

@@ -20,10 +20,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from codec_jax import sharding as shard_lib
-from codec_jax import trainer
-from codec_jax.train_checkpoint import TrainCheckpointer
-from configs import snac_24khz, snac_32khz, snac_44khz, tiny
+from codec_jax.training import sharding as shard_lib
+from codec_jax.cli import train as train_cli
+from codec_jax.training import loop as trainer
+from codec_jax.training.checkpoint import TrainCheckpointer
+from codec_jax.configs import snac_24khz, snac_32khz, snac_44khz, tiny
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -172,9 +173,9 @@ def test_tiny_config_trains_end_to_end(tmp_path, xla_cache):
 
 def _run_until_sigterm(workdir: Path, cache_dir: str, min_step: int, log_path: Path
                        ) -> subprocess.Popen:
-    """Start `python -m train.main` on the tiny config with a far-away target, wait until
+    """Start `python -m codec_jax.cli.train` on the tiny config with a far-away target, wait until
     it has logged `min_step`, then SIGTERM it (as a preempted TPU VM would be)."""
-    cmd = [sys.executable, "-m", "train.main", "--config", str(REPO / "configs" / "tiny.py"),
+    cmd = [sys.executable, "-m", "codec_jax.cli.train", "--config", "configs/tiny.py",
            "--workdir", str(workdir), "--config.train.num_steps=1000",
            "--config.logging.every_steps=1", "--config.logging.eval_every_steps=0",
            "--config.checkpoint.every_steps=1000",
@@ -370,7 +371,7 @@ def test_configs_build_their_models(module, preset, rate):
                                       "waveform": 0.0}
     assert c.optimizer.generator.clip_norm == 1e3 and c.optimizer.discriminator.clip_norm == 10
     assert (c.optimizer.generator.b1, c.optimizer.generator.b2) == (0.8, 0.99)
-    from codec_jax import train_models
+    from codec_jax.training import builders as train_models
 
     generator = train_models.build_generator(c)
     assert generator.config.sampling_rate == rate
@@ -383,7 +384,7 @@ def test_configs_build_their_models(module, preset, rate):
 def test_optimizer_schedule_and_clipping():
     import ml_collections
 
-    from codec_jax import optim
+    from codec_jax.training import optim
 
     cfg = optim.optimizer_config(learning_rate=1e-3, decay_rate=0.5, clip_norm=1.0,
                                  weight_decay=0.0, warmup_steps=0)
@@ -403,7 +404,7 @@ def test_optimizer_schedule_and_clipping():
 
 
 def test_loss_settings_reject_unknown_weights():
-    from codec_jax.train_step import LossSettings
+    from codec_jax.training.step import LossSettings
 
     c = tiny.get_config()
     c.losses.weights.mell = 1.0
@@ -412,7 +413,7 @@ def test_loss_settings_reject_unknown_weights():
 
 
 def test_metric_aggregation_and_progress_line():
-    from codec_jax import train_metrics as tm
+    from codec_jax.training import metrics as tm
 
     history = [{"loss/mel": 2.0, "skipped": 0, "consecutive_skips": 0},
                {"loss/mel": float("nan"), "skipped": 1, "consecutive_skips": 1},
@@ -438,12 +439,12 @@ def test_cli_usage_and_errors(capsys):
 
     assert cli.main(["train", "--help"]) == 0
     assert "--workdir" in capsys.readouterr().out
-    assert trainer.main(["--config", "tiny.py"]) == 2  # no workdir
+    assert train_cli.main(["--config", "tiny.py"]) == 2  # no workdir
     assert "required" in capsys.readouterr().err
-    assert trainer.main(["--config", "configs/tiny.py", "--workdir", "/tmp/x",
+    assert train_cli.main(["--config", "configs/tiny.py", "--workdir", "/tmp/x",
                          "--config.train.no_such_key=1"]) == 2
     # A bare config name resolves to the configs shipped with the package.
-    resolved = trainer._resolve_config_path(["--config", "snac_24khz.py:finetune"])
+    resolved = train_cli._resolve_config_path(["--config", "snac_24khz.py:finetune"])
     assert resolved[1].endswith(os.path.join("configs", "snac_24khz.py") + ":finetune")
     assert os.path.exists(resolved[1].split(":")[0])
 

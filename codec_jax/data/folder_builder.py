@@ -52,7 +52,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 from etils import epath
 
-from codec_jax.data import audio_io
+from codec_jax.audio import io as audio_io
 
 VERSION = "1.0.0"
 # array_record writer options per --compression choice. group_size:1 (one

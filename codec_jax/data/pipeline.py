@@ -265,7 +265,7 @@ class CropAndAugment:
         if seg is None:
             return None
         if rate != self.rate:
-            from codec_jax.data.audio_io import resample
+            from codec_jax.audio.io import resample
             seg = resample(seg, rate, self.rate, quality="MQ")
             seg = np.pad(seg, (0, max(self.crop - seg.shape[0], 0)))[: self.crop]
         seg = self._levels(seg, rng)

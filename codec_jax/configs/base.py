@@ -23,8 +23,8 @@ import ml_collections
 from codec_jax import losses as L
 from codec_jax.config import get_preset
 from codec_jax.data.pipeline import default_data_config
-from codec_jax.optim import optimizer_config
-from codec_jax.quantizer import QuantizerConfig
+from codec_jax.training.optim import optimizer_config
+from codec_jax.nn.quantizer import QuantizerConfig
 
 VARIANTS = ("", "train", "finetune", "factorized")
 
@@ -42,7 +42,7 @@ def base_config(preset: str, *, batch_size: int = 16, crop_seconds: float = 1.0,
         dtype="bfloat16",
     ))
 
-    # Codebook learning: the fields of `codec_jax.quantizer.QuantizerConfig`.
+    # Codebook learning: the fields of `codec_jax.nn.quantizer.QuantizerConfig`.
     # "ema": k-means initialised EMA codebooks with dead-code restarts (not touched by
     # the optimizer; their statistics live in the train state). "factorized": SNAC's
     # gradient-trained codebooks with the codebook loss.

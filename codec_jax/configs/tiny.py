@@ -10,7 +10,7 @@ On 2 CPU cores: about half a minute of compilation (once; set
 a second per step; the mel loss halves within ~30 steps.
 """
 
-from configs.base import apply_variants, base_config
+from codec_jax.configs.base import apply_variants, base_config
 
 
 def get_config(arg: str | None = None):

@@ -27,9 +27,10 @@ import ml_collections
 import optax
 
 from codec_jax import losses as L
-from codec_jax import optim
-from codec_jax.train_models import GeneratorAdapter
-from codec_jax.train_state import TrainState, step_key
+from codec_jax.training.balancer import Balancer
+from codec_jax.training import optim
+from codec_jax.training.builders import GeneratorAdapter
+from codec_jax.training.state import TrainState, step_key
 
 Metrics = dict[str, jax.Array]
 
@@ -88,10 +89,10 @@ class LossSettings:
         w = self.weight
         return tuple(name for name in RECON_LOSSES if w.get(name, 0.0) != 0.0)
 
-    def make_balancer(self) -> Optional[L.Balancer]:
+    def make_balancer(self) -> Optional[Balancer]:
         if not self.balancer:
             return None
-        return L.Balancer(weights={k: self.weight[k] for k in self.active_recon_losses()},
+        return Balancer(weights={k: self.weight[k] for k in self.active_recon_losses()},
                           total_norm=self.balancer_total_norm, ema_decay=self.balancer_ema_decay)
 
     def mel_loss(self, prediction: jax.Array, target: jax.Array) -> jax.Array:

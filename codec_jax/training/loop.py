@@ -1,13 +1,10 @@
-"""GAN training of SNAC codecs: `train_and_evaluate(config, workdir)` and the CLI.
+"""GAN training of SNAC codecs: `train_and_evaluate(config, workdir)`.
 
-    codec-jax train --config configs/tiny.py --workdir /tmp/run
-    python -m train.main --config configs/snac_24khz.py:finetune --workdir gs://... \
-        --config.init.generator_checkpoint=/ckpt/snac_24khz --config.mesh.fsdp=4
+The command line (`codec-jax train`, `codec_jax/cli/train.py`) only parses flags and
+calls this function; notebooks call it directly:
 
-From a notebook:
-
-    from codec_jax.trainer import train_and_evaluate
-    from configs import tiny
+    from codec_jax.training.loop import train_and_evaluate
+    from codec_jax.configs import tiny
     metrics = train_and_evaluate(tiny.get_config(), "/tmp/run")
 
 The run resumes by itself from the newest checkpoint in `workdir` (state and data
@@ -33,13 +30,13 @@ import numpy as np
 from jax.experimental import multihost_utils
 
 from codec_jax import checkpoint as ckpt_io
-from codec_jax import optim
-from codec_jax import sharding as shard_lib
-from codec_jax import train_metrics as tm
-from codec_jax import train_models
-from codec_jax import train_state as ts
-from codec_jax.train_checkpoint import TrainCheckpointer
-from codec_jax.train_step import LossSettings, make_eval_step, make_train_step
+from codec_jax.training import optim
+from codec_jax.training import sharding as shard_lib
+from codec_jax.training import metrics as tm
+from codec_jax.training import builders
+from codec_jax.training import state as ts
+from codec_jax.training.checkpoint import TrainCheckpointer
+from codec_jax.training.step import LossSettings, make_eval_step, make_train_step
 
 log = logging.getLogger(__name__)
 
@@ -170,7 +167,7 @@ class TrainingSetup:
 
     config: ml_collections.ConfigDict
     mesh: Any
-    generator: train_models.GeneratorAdapter
+    generator: builders.GeneratorAdapter
     discriminator: Any
     loss_settings: LossSettings
     init_fn: Any
@@ -197,8 +194,8 @@ def create_training_setup(config: ml_collections.ConfigDict,
                           devices: Optional[list] = None) -> TrainingSetup:
     """Models, optimizers, mesh (over `devices`, default all) and the jitted steps."""
     enable_compilation_cache(config.train.get("compilation_cache_dir", ""))
-    generator = train_models.build_generator(config)
-    discriminator = train_models.build_discriminator(config)
+    generator = builders.build_generator(config)
+    discriminator = builders.build_discriminator(config)
     _validate(config, generator.config)
     gen_tx = optim.build_optimizer(config.optimizer.generator)
     disc_tx = optim.build_optimizer(config.optimizer.discriminator)
@@ -209,7 +206,7 @@ def create_training_setup(config: ml_collections.ConfigDict,
     balancer = loss_settings.make_balancer()
     init_fn = ts.make_init_fn(
         init_generator=lambda k: generator.init(k, num_samples),
-        init_discriminator=lambda k: train_models.init_discriminator(discriminator, k, num_samples),
+        init_discriminator=lambda k: builders.init_discriminator(discriminator, k, num_samples),
         gen_tx=gen_tx, disc_tx=disc_tx,
         init_balancer=None if balancer is None else balancer.init)
     abstract = jax.eval_shape(init_fn, ts.rng_from_seed(config.train.seed))
@@ -407,80 +404,3 @@ def _evaluate(config, state, p_eval_step, mesh, writer, step: int) -> dict[str, 
     _print("eval @ {}: {}".format(step, ", ".join(
         f"{k} {v:.4g}" for k, v in values.items() if not k.startswith("codes/"))))
     return values
-
-
-# ---------------------------------------------------------------------------------------
-# Command line
-# ---------------------------------------------------------------------------------------
-
-_USAGE = """usage: codec-jax train --config CONFIG.py[:VARIANT] --workdir DIR [--config.KEY=VALUE ...]
-
-  --config        a config file with get_config(arg), e.g. configs/tiny.py or
-                  configs/snac_24khz.py:finetune (a bare name such as snac_24khz.py is
-                  also looked up among the installed configs)
-  --config.K=V    override any config value, e.g. --config.train.batch_size=32
-  --workdir       checkpoints, TensorBoard logs and metrics.jsonl go here; an existing
-                  run in it is resumed
-  --distributed   call jax.distributed.initialize() first (multi-host TPU/GPU jobs)
-"""
-
-
-def _resolve_config_path(argv: list[str]) -> list[str]:
-    """Let `--config snac_24khz.py[:variant]` find the configs shipped with the package
-    when the path does not exist relative to the current directory."""
-    import configs as configs_pkg
-
-    configs_dir = Path(list(configs_pkg.__path__)[0])
-    out = []
-    for i, arg in enumerate(argv):
-        prefix = None
-        if arg.startswith("--config="):
-            prefix, value = "--config=", arg[len("--config="):]
-        elif i > 0 and argv[i - 1] == "--config":
-            prefix, value = "", arg
-        if prefix is not None:
-            path, sep, variant = value.partition(":")
-            if not os.path.exists(path):
-                for candidate in (configs_dir / path, configs_dir / Path(path).name,
-                                  configs_dir / f"{path}.py"):
-                    if candidate.exists():
-                        value = f"{candidate}{sep}{variant}"
-                        break
-            arg = prefix + value
-        out.append(arg)
-    return out
-
-
-def main(argv: Optional[list[str]] = None) -> int:
-    """`codec-jax train ...` / `python -m train.main ...`; returns the exit status."""
-    import sys
-
-    from absl import flags
-    from ml_collections import config_flags
-
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or argv[0] in ("-h", "--help", "help"):
-        print(_USAGE)
-        return 0
-    fv = flags.FlagValues()
-    config_flags.DEFINE_config_file("config", None, "training config file", flag_values=fv,
-                                    lock_config=True)
-    flags.DEFINE_string("workdir", None, "run directory", flag_values=fv)
-    flags.DEFINE_bool("distributed", False, "initialise multi-host JAX", flag_values=fv)
-    try:
-        fv(["codec-jax train"] + _resolve_config_path(argv))
-    except flags.Error as e:
-        print(f"codec-jax train: {e}\n\n{_USAGE}", file=sys.stderr)
-        return 2
-    if fv.config is None or not fv.workdir:
-        print(f"codec-jax train: --config and --workdir are required\n\n{_USAGE}", file=sys.stderr)
-        return 2
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    if fv.distributed:
-        jax.distributed.initialize()
-    try:
-        train_and_evaluate(fv.config, fv.workdir)
-    except NonFiniteTrainingError as e:
-        print(f"codec-jax train: {e}", file=sys.stderr)
-        return 1
-    return 0

@@ -38,7 +38,7 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
-from codec_jax.spectral import stft
+from codec_jax.audio.spectral import stft
 
 __all__ = [
     "DAC_BANDS",
@@ -85,7 +85,7 @@ class WNConv2d(nn.Module):
     Input ``[batch, height, width, in]`` -> ``[batch, height', width', features]``
     with explicit symmetric ``padding`` per spatial axis, as torch's ``Conv2d``.
     Parameter names (``direction``, ``magnitude``, ``bias``) match
-    :mod:`codec_jax.layers`.
+    :mod:`codec_jax.nn.layers`.
     """
 
     features: int

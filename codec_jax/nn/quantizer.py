@@ -33,7 +33,7 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
-from codec_jax.layers import WNConv1d
+from codec_jax.nn.layers import WNConv1d
 
 Array = jax.Array
 Dtype = Any

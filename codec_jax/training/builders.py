@@ -16,9 +16,9 @@ import jax.numpy as jnp
 import ml_collections
 
 from codec_jax.config import SNACConfig, get_preset
-from codec_jax.discriminators import Discriminator
-from codec_jax.models import SNAC
-from codec_jax.quantizer import QuantizerConfig
+from codec_jax.nn.discriminators import Discriminator
+from codec_jax.nn.snac import SNAC
+from codec_jax.nn.quantizer import QuantizerConfig
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 

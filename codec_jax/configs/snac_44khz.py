@@ -8,7 +8,7 @@ Data: set `--config.data.sources` to prepared TFDS datasets (see docs/data.md); 
 default synthetic source only checks that everything runs.
 """
 
-from configs.base import apply_variants, base_config
+from codec_jax.configs.base import apply_variants, base_config
 
 
 def get_config(arg: str | None = None):

@@ -16,7 +16,7 @@ import numpy as np
 import optax
 from jax.sharding import Mesh
 
-from codec_jax import sharding as shard_lib
+from codec_jax.training import sharding as shard_lib
 
 
 @flax.struct.dataclass
@@ -32,7 +32,7 @@ class TrainState:
     disc_opt_state:   optax state of the discriminator optimizer.
     codebook:         the generator's non-optimised `codebook` collection (EMA codebook
                       statistics); `{}` for a quantizer trained by gradients.
-    balancer:         `losses.BalancerState` of the EnCodec loss balancer, or None.
+    balancer:         `training.balancer.BalancerState` of the EnCodec loss balancer, or None.
     skipped_steps:    int32 `[]`, steps whose update was dropped for non-finite values.
     consecutive_skips: int32 `[]`, length of the current run of skipped steps.
     """
@@ -98,7 +98,7 @@ def make_init_fn(
 
 
 def state_shardings(abstract_state: TrainState, mesh: Mesh, min_size: int) -> TrainState:
-    """NamedShardings for every leaf of a `TrainState` (FSDP rule; see `codec_jax.sharding`)."""
+    """NamedShardings for every leaf of a `TrainState` (FSDP rule; see `codec_jax.training.sharding`)."""
     return shard_lib.tree_shardings(abstract_state, mesh, min_size=min_size)
 
 

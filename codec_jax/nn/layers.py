@@ -10,7 +10,7 @@ optimisation geometry as the reference. Parameters are stored in `param_dtype`
 from __future__ import annotations
 
 import math
-from typing import Any, Optional, Sequence
+from typing import Any, Sequence
 
 import jax
 import jax.numpy as jnp

@@ -13,8 +13,8 @@ import jax.numpy as jnp
 from flax import linen as nn
 
 from codec_jax.config import SNACConfig
-from codec_jax.layers import DecoderBlock, EncoderBlock, LocalMHA, Snake, WNConv1d
-from codec_jax.quantizer import QuantizerConfig, ResidualVQ
+from codec_jax.nn.layers import DecoderBlock, EncoderBlock, LocalMHA, Snake, WNConv1d
+from codec_jax.nn.quantizer import QuantizerConfig, ResidualVQ
 
 Array = jax.Array
 Dtype = Any

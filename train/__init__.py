@@ -1,1 +1,0 @@
-"""Training entry point: `python -m train.main --config configs/X.py --workdir DIR`."""
