@@ -17,7 +17,7 @@ from codec_jax.nn.quantizer import (
     QuantizerConfig,
     ResidualVQ,
     VQLevel,
-    avg_pool_time,
+    avg_pool,
     bitrate,
     bits_per_frame,
     code_health,
@@ -291,7 +291,7 @@ def test_ema_step_state_and_eval_isolation():
     assert bool(cb1["level_0"]["initialized"])
     # First batch: k-means ran, so every used code sits at the mean of the batch vectors
     # assigned to it (the Lloyd fixed point; EMA on k-means statistics leaves it there).
-    z_e = model.apply(variables, z, method=lambda m, z: m.levels[0].in_proj(avg_pool_time(z, 2)))
+    z_e = model.apply(variables, z, method=lambda m, z: m.levels[0].in_proj(avg_pool(z, 2)))
     x = np.asarray(z_e).reshape(-1, 4)
     emb1 = np.asarray(cb1["level_0"]["embedding"])
     codes = np.linalg.norm(x[:, None] - emb1[None], axis=-1).argmin(1)
@@ -302,7 +302,7 @@ def test_ema_step_state_and_eval_isolation():
     # Second batch: plain EMA step (no second k-means), matching a float64 reference.
     z2 = jax.random.normal(jax.random.key(5), (8, 32, 8))
     out2, cb2 = step(params, cb1, z2, jax.random.key(2))
-    x2 = np.asarray(model.apply(variables, z2, method=lambda m, z: m.levels[0].in_proj(avg_pool_time(z, 2)))).reshape(-1, 4)
+    x2 = np.asarray(model.apply(variables, z2, method=lambda m, z: m.levels[0].in_proj(avg_pool(z, 2)))).reshape(-1, 4)
     codes2 = np.asarray(out2["codes"][0]).reshape(-1)
     np.testing.assert_array_equal(codes2, np.linalg.norm(x2[:, None] - emb1[None], axis=-1).argmin(1))
     cs, es, emb = numpy_ema_reference(np.asarray(cb1["level_0"]["cluster_size"], np.float64),
