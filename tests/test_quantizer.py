@@ -361,6 +361,25 @@ def test_code_health_metrics():
     assert float(p) == pytest.approx(2.0, rel=1e-6)
 
 
+def test_training_codebook_health_counts_each_level_out_of_its_own_size():
+    # The train/eval steps' `batch_usage` must divide by each level's own codebook size
+    # (it once used the config's single size: a 16-code level fully used read as 25 %).
+    from codec_jax.configs.tiny import get_config
+    from codec_jax.training import builders, step
+
+    cfg = get_config()
+    cfg.quantizer.codebook_sizes = (16, 32, 64)
+    generator = builders.build_generator(cfg)
+    assert generator.codebook_sizes == (16, 32, 64)
+    codes = [jnp.arange(2 * n).reshape(2, n) % n for n in (16, 32, 64)]  # every code twice
+    metrics = step.codebook_health(codes, generator.codebook_sizes)
+    for level, size in enumerate((16, 32, 64)):
+        assert float(metrics[f"codebook/level_{level}/batch_usage"]) == 1.0
+        assert float(metrics[f"codebook/level_{level}/batch_perplexity"]) == pytest.approx(size, rel=1e-5)
+    half = step.codebook_health([jnp.arange(8)[None]], (16,))
+    assert float(half["codebook/level_0/batch_usage"]) == 0.5
+
+
 # ---- the codec --------------------------------------------------------------------------------
 
 TINY = PRESETS["tiny"]

@@ -44,6 +44,12 @@ class GeneratorAdapter:
     config: SNACConfig
     module: SNAC
 
+    @property
+    def codebook_sizes(self) -> tuple[int, ...]:
+        """Codebook size of each quantizer level (coarse first), per-level sizes included."""
+        return self.module.quantizer.level_codebook_sizes(self.config.n_levels,
+                                                          self.config.codebook_size)
+
     def init(self, key: jax.Array, num_samples: int) -> dict[str, Any]:
         """Fresh variables: `params`, and `codebook` when the quantizer keeps EMA state."""
         dummy = jnp.zeros((1, num_samples), jnp.float32)
