@@ -81,6 +81,36 @@ def test_bitrate_reproduces_snac_published_figures():
         bitrate(c24, 4)
 
 
+def test_bitrate_with_per_level_codebook_sizes():
+    c24 = PRESETS["snac_24khz"]
+    sizes = (256, 1024, 4096)
+    # 46.875 finest frames/s: 8 bits per 4 frames + 10 per 2 + 12 per frame.
+    expected = 46.875 * (8 / 4 + 10 / 2 + 12)
+    assert c24.bitrate(codebook_sizes=sizes) == pytest.approx(expected)
+    assert c24.bitrate(1, codebook_sizes=sizes) == pytest.approx(46.875 * 2)
+    assert bitrate(c24, quantizer=QuantizerConfig(codebook_sizes=sizes)) == pytest.approx(expected)
+    with pytest.raises(ValueError, match="2 codebook sizes for 3 strides"):
+        c24.bitrate(codebook_sizes=(256, 1024))
+
+
+def test_cli_reports_the_bitrate_of_per_level_codebook_sizes(tmp_path, capsys):
+    import soundfile as sf
+
+    import codec_jax
+    from codec_jax.cli import codec as codec_cli
+
+    tiny = PRESETS["tiny"]
+    quantizer = QuantizerConfig(kind="ema", codebook_sizes=(16, 32, 64))
+    variables = codec_jax.init_variables(tiny, 0, quantizer=quantizer)
+    codec_jax.Codec(tiny, variables, quantizer=quantizer).save(tmp_path / "codec")
+    wav = tmp_path / "clip.wav"
+    sf.write(wav, 0.1 * np.sin(np.arange(tiny.pad_multiple) * 0.05), tiny.sampling_rate)
+    assert codec_cli.encode_main([str(tmp_path / "codec"), str(wav), "-o", str(tmp_path)]) == 0
+    # 16000 / 24 finest frames/s, log2 16 / 4 + log2 32 / 2 + log2 64 bits per frame: 6.33
+    # kbps (the single size 64 would claim 7.00).
+    assert "6.33 kbps" in capsys.readouterr().out
+
+
 def test_dropout_draws_level_counts_uniformly():
     n, batch = 4, 40_000
     draws = np.asarray(sample_levels_used(jax.random.key(0), batch, n, 1.0))
