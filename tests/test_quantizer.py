@@ -64,6 +64,30 @@ def test_config_validation_and_hashable():
         cfg.level_codebook_sizes(3, 64)
 
 
+def test_quantizer_options_are_checked_in_one_place(tmp_path):
+    # The training config section, a saved codec's quantizer.json and the dataclass all go
+    # through QuantizerConfig.from_dict: unknown names and bad kinds give one clear error.
+    import json
+
+    import codec_jax
+    from codec_jax.configs.tiny import get_config
+    from codec_jax.training import builders
+
+    assert QuantizerConfig.from_dict({"kind": "ema", "codebook_sizes": [8, 16, 32]}) == \
+        QuantizerConfig(kind="ema", codebook_sizes=(8, 16, 32))
+    with pytest.raises(ValueError, match=r"unknown quantizer options \['kmeans_iter'\]"):
+        QuantizerConfig.from_dict({"kmeans_iter": 3})
+    cfg = get_config()
+    cfg.quantizer.kind = "kmeans"
+    with pytest.raises(ValueError, match="kind must be one of"):
+        builders.build_generator(cfg)
+    tiny = PRESETS["tiny"]
+    codec_jax.Codec(tiny, {"params": {}}).save(tmp_path)
+    (tmp_path / "quantizer.json").write_text(json.dumps({"kind": "ema", "decay": 0.9}))
+    with pytest.raises(ValueError, match=r"unknown quantizer options \['decay'\]"):
+        codec_jax.load_pretrained(tmp_path)
+
+
 def test_bitrate_reproduces_snac_published_figures():
     published = {"snac_24khz": 0.98, "snac_32khz": 1.9, "snac_44khz": 2.6}
     for name, kbps in published.items():

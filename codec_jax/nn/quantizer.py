@@ -107,6 +107,19 @@ class QuantizerConfig:
                 raise ValueError(f"codebook_sizes must be positive ints, got {self.codebook_sizes}")
             object.__setattr__(self, "codebook_sizes", sizes)
 
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> "QuantizerConfig":
+        """From a dict of field names (a training config's `quantizer` section, a saved
+        codec's `quantizer.json`); unknown names are an error, lists become tuples."""
+        fields = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - fields)
+        if unknown:
+            raise ValueError(f"unknown quantizer options {unknown}; QuantizerConfig has {sorted(fields)}")
+        values = dict(values)
+        if values.get("codebook_sizes") is not None:
+            values["codebook_sizes"] = tuple(int(x) for x in values["codebook_sizes"])
+        return cls(**values)
+
     def level_codebook_sizes(self, n_levels: int, default_size: int) -> tuple[int, ...]:
         """Codebook size of each of `n_levels` levels (coarse first)."""
         if self.codebook_sizes is None:
