@@ -162,7 +162,7 @@ class PeriodDiscriminator(nn.Module):
         return feature_maps
 
 
-def dac_aligned_stft(audio: Array, window_length: int, window: str = "sqrt_hann") -> Array:
+def dac_aligned_stft(audio: Array, window_length: int, window: str = "hann") -> Array:
     """audiotools' ``match_stride=True`` STFT used by DAC's MRD.
 
     Hop is ``window_length // 4``. The signal is reflect-padded by
@@ -174,7 +174,9 @@ def dac_aligned_stft(audio: Array, window_length: int, window: str = "sqrt_hann"
     Args:
       audio: ``[batch, samples]``; needs ``samples > window_length`` for the
         reflect padding.
-      window: audiotools' default (which DAC uses) is ``"sqrt_hann"``.
+      window: DAC leaves ``window_type`` unset and audiotools (0.7.2, the version DAC
+        1.0 requires) fills it with ``"hann"``; its docstrings say square-root Hann, its
+        code does not. Checked against pip ``descript-audio-codec`` itself.
 
     Returns:
       complex64 ``[batch, ceil(samples / hop), window_length // 2 + 1]``.
@@ -208,7 +210,7 @@ class MultiBandSTFTDiscriminator(nn.Module):
     window_length: int
     bands: Sequence[tuple[float, float]] = DAC_BANDS
     channels: int = 32
-    window: str = "sqrt_hann"
+    window: str = "hann"
     negative_slope: float = 0.1
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
