@@ -1,6 +1,6 @@
 """The GAN train step and the eval step: pure functions over `TrainState`.
 
-One generator forward per step (DAC runs it twice):
+One generator forward per step, as DAC's PyTorch loop (the JAX port DAC-JAX runs it twice):
 
 1. `jax.vjp` of the generator at the current parameters gives the reconstruction,
    the quantizer losses and a VJP closure that keeps the forward's residuals.
