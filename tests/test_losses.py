@@ -324,10 +324,21 @@ def test_feature_matching_gradient_reaches_fake_only():
 
 
 def test_weighted_loss_sum():
-    total = losses.weighted_loss_sum({"mel": jnp.float32(2.0), "adversarial": jnp.float32(3.0), "commitment": jnp.float32(4.0)})
-    assert float(total) == pytest.approx(15.0 * 2 + 3.0 + 0.25 * 4)
-    assert dict(losses.DEFAULT_LOSS_WEIGHTS) == {"mel": 15.0, "feature_matching": 2.0, "adversarial": 1.0, "commitment": 0.25, "codebook": 1.0}
-    with pytest.raises(KeyError):
+    rng = np.random.default_rng(0)
+    names = ["mel", "adversarial", "commitment", "extra"]
+    weights = dict(zip(names, rng.uniform(0.1, 10.0, len(names))))
+    values = {name: jnp.float32(v) for name, v in zip(names, rng.uniform(0.0, 5.0, len(names)))}
+    expected = sum(weights[k] * float(values[k]) for k in names)
+    assert float(losses.weighted_loss_sum(values, weights)) == pytest.approx(expected, rel=1e-6)
+    # A subset of the losses combines only those; bf16 inputs are summed in float32.
+    subset = {"mel": jnp.bfloat16(2.0), "commitment": jnp.float32(4.0)}
+    total = losses.weighted_loss_sum(subset, weights)
+    assert total.dtype == jnp.float32
+    assert float(total) == pytest.approx(2.0 * weights["mel"] + 4.0 * weights["commitment"], rel=1e-6)
+    # Without weights, every default-weighted loss counts with its default weight.
+    unit = {name: jnp.float32(1.0) for name in losses.DEFAULT_LOSS_WEIGHTS}
+    assert float(losses.weighted_loss_sum(unit)) == pytest.approx(sum(losses.DEFAULT_LOSS_WEIGHTS.values()))
+    with pytest.raises(KeyError, match="mell"):
         losses.weighted_loss_sum({"mell": jnp.float32(1.0)})
 
 
