@@ -91,6 +91,7 @@ def assert_trees_equal(a, b):
 # ---------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_tiny_config_trains_end_to_end(tmp_path, xla_cache):
     """30 steps of the tiny config on the synthetic pipeline: the mel loss falls well
     below its initial value, checkpoints, TensorBoard summaries and eval are written."""
@@ -196,6 +197,7 @@ def _run_until_sigterm(workdir: Path, cache_dir: str, min_step: int, log_path: P
     return proc
 
 
+@pytest.mark.slow
 def test_resume_after_sigterm_is_bitwise_identical(tmp_path, xla_cache):
     """N steps in one run == a run killed by SIGTERM after k < N steps + a resumed run to
     N: identical per-step losses after the resume point and identical final state."""
@@ -238,6 +240,7 @@ def test_resume_after_sigterm_is_bitwise_identical(tmp_path, xla_cache):
 # ---------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_nan_batch_is_skipped_without_touching_the_state(xla_cache):
     config = tiny_config(xla_cache)
     setup = trainer.create_training_setup(config)
@@ -277,6 +280,7 @@ def test_nan_batch_is_skipped_without_touching_the_state(xla_cache):
         setup.p_train_step(state, short)
 
 
+@pytest.mark.slow
 def test_many_nan_batches_stop_the_run(tmp_path, xla_cache, monkeypatch):
     from codec_jax.data import pipeline
 
@@ -312,6 +316,7 @@ def test_many_nan_batches_stop_the_run(tmp_path, xla_cache, monkeypatch):
 # ---------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_finetune_starts_from_imported_snac_generator(tmp_path, xla_cache):
     torch = pytest.importorskip("torch")
     snac = pytest.importorskip("snac")
@@ -451,6 +456,7 @@ def test_cli_usage_and_errors(capsys):
     assert os.path.exists(resolved[1].split(":")[0])
 
 
+@pytest.mark.slow
 def test_step_wiring_of_optional_losses_discriminators_and_balancer():
     """Every config branch of the step traces: EnCodec balancer, hinge loss, MS-STFT
     discriminator, MR-STFT and waveform losses, factorized codebooks, bfloat16 compute.
