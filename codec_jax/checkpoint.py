@@ -405,10 +405,7 @@ def load_converted(path: str | os.PathLike):
     config = SNACConfig.from_json(path / "config.json")
     quantizer = QuantizerConfig()
     if (path / QUANTIZER_JSON).exists():
-        fields = json.loads((path / QUANTIZER_JSON).read_text())
-        if fields.get("codebook_sizes") is not None:
-            fields["codebook_sizes"] = tuple(fields["codebook_sizes"])
-        quantizer = QuantizerConfig(**fields)
+        quantizer = QuantizerConfig.from_dict(json.loads((path / QUANTIZER_JSON).read_text()))
     with ocp.StandardCheckpointer() as checkpointer:
         variables = checkpointer.restore(path / PARAMS_SUBDIR)
     return config, variables, quantizer

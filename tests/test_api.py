@@ -70,14 +70,26 @@ def test_functional_encode_compiles_once_per_shape():
         encode(variables, jnp.zeros((2, 7000)))  # a third shape exceeds the budget
 
 
-def test_public_jitted_functions_cache(codec):
-    """`codec_jax.encode` / `decode` reuse their compilation for repeated shapes."""
-    audio = jnp.zeros((1, 2000))
-    codec_jax.encode(codec.variables, audio, config=codec.config)
-    before = codec_jax.encode._cache_size()
+def test_public_jitted_functions_cache(codec, monkeypatch):
+    """`Codec.encode` / `codec_jax.encode` trace the model once per input shape: the static
+    arguments they pass (config, dtype, quantizer) must hash equal across calls."""
+    traces = []
+    original = models.SNAC.encode
+
+    def counting_encode(self, *args, **kwargs):
+        traces.append(args[0].shape)
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(models.SNAC, "encode", counting_encode)
+    audio = np.zeros((1, 2 * codec.config.pad_multiple + 17), np.float32)  # a shape no other test uses
     for seed in range(3):
-        codec_jax.encode(codec.variables, audio + seed, config=codec.config)
-    assert codec_jax.encode._cache_size() == before
+        codec.encode(audio + seed)
+    assert len(traces) == 1
+    for seed in range(3):  # the functional form: its own cache entry (other kwargs), once
+        codec_jax.encode(codec.variables, jnp.asarray(audio) + seed, config=codec.config)
+    assert len(traces) == 2
+    codec.encode(np.zeros((1, audio.shape[1] + 1), np.float32))
+    assert len(traces) == 3
 
 
 @pytest.mark.parametrize("bad, message", [

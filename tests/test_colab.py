@@ -5,9 +5,12 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
+
 NOTEBOOK = Path(__file__).parent.parent / "colab" / "quickstart.ipynb"
 
 
+@pytest.mark.slow
 def test_quickstart_notebook_runs(tmp_path, monkeypatch):
     monkeypatch.setenv("CODEC_JAX_NOTEBOOK_STEPS", "4")
     monkeypatch.setenv("CODEC_JAX_NOTEBOOK_WORKDIR", str(tmp_path / "run"))

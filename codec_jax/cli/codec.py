@@ -114,6 +114,7 @@ def encode_main(argv):
     p.add_argument("-o", "--output-dir", required=True, help="one <name>.npz per input")
     args = p.parse_args(argv)
     import codec_jax
+    from codec_jax.nn.quantizer import bitrate
 
     codec = codec_jax.load_pretrained(args.model, dtype=args.dtype)
     for path in args.inputs:
@@ -129,7 +130,8 @@ def encode_main(argv):
         _atomic_write(target, args.overwrite, lambda tmp: np.savez(open(tmp, "wb"), **payload))
         print(f"{path}: {seconds:.2f} s -> {target} "
               f"({', '.join(str(len(c)) for c in codes)} frames, "
-              f"{codec.config.bitrate() / 1000:.2f} kbps, {time.perf_counter() - t0:.2f} s)")
+              f"{bitrate(codec.config, quantizer=codec.quantizer) / 1000:.2f} kbps, "
+              f"{time.perf_counter() - t0:.2f} s)")
     return 0
 
 
@@ -170,6 +172,7 @@ def roundtrip_main(argv):
     p.add_argument("-o", "--output", required=True, help="reconstructed audio file")
     args = p.parse_args(argv)
     import codec_jax
+    from codec_jax.nn.quantizer import bitrate
 
     codec = codec_jax.load_pretrained(args.model, dtype=args.dtype)
     audio = _read_audio(args.input, codec.sample_rate)
@@ -183,7 +186,8 @@ def roundtrip_main(argv):
     err = out - audio
     snr = 10 * np.log10(np.sum(audio ** 2) / max(np.sum(err ** 2), 1e-20))
     print(f"{args.input}: {seconds:.2f} s at {codec.sample_rate} Hz, "
-          f"{codec.config.bitrate() / 1000:.2f} kbps; encode {t1 - t0:.2f} s, decode {t2 - t1:.2f} s "
+          f"{bitrate(codec.config, quantizer=codec.quantizer) / 1000:.2f} kbps; "
+          f"encode {t1 - t0:.2f} s, decode {t2 - t1:.2f} s "
           f"(first calls include compilation); SNR {snr:.2f} dB -> {args.output}")
     return 0
 

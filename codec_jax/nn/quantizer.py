@@ -41,6 +41,7 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
+from codec_jax.config import bits_per_frame  # noqa: F401 (re-exported: RVQ users' bit budget)
 from codec_jax.nn.layers import WNConv1d
 
 Array = jax.Array
@@ -114,6 +115,19 @@ class QuantizerConfig:
                 raise ValueError(f"codebook_sizes must be positive ints, got {self.codebook_sizes}")
             object.__setattr__(self, "codebook_sizes", sizes)
 
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> "QuantizerConfig":
+        """From a dict of field names (a training config's `quantizer` section, a saved
+        codec's `quantizer.json`); unknown names are an error, lists become tuples."""
+        fields = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - fields)
+        if unknown:
+            raise ValueError(f"unknown quantizer options {unknown}; QuantizerConfig has {sorted(fields)}")
+        values = dict(values)
+        if values.get("codebook_sizes") is not None:
+            values["codebook_sizes"] = tuple(int(x) for x in values["codebook_sizes"])
+        return cls(**values)
+
     def level_codebook_sizes(self, n_levels: int, default_size: int) -> tuple[int, ...]:
         """Codebook size of each of `n_levels` levels (coarse first)."""
         if self.codebook_sizes is None:
@@ -130,27 +144,16 @@ class QuantizerConfig:
 
 # ---- bitrate -------------------------------------------------------------------------------
 
-def bits_per_frame(strides: Sequence[int], codebook_sizes: Sequence[int],
-                   n_levels: Optional[int] = None) -> float:
-    """Bits per finest latent frame carried by the first `n_levels` levels (all by default):
-    `sum(log2(codebook_size_l) / stride_l)`."""
-    n_levels = len(strides) if n_levels is None else n_levels
-    if not 1 <= n_levels <= len(strides):
-        raise ValueError(f"n_levels must be in [1, {len(strides)}], got {n_levels}")
-    if len(codebook_sizes) != len(strides):
-        raise ValueError(f"{len(codebook_sizes)} codebook sizes for {len(strides)} strides")
-    return sum(math.log2(k) / s for k, s in zip(codebook_sizes[:n_levels], strides[:n_levels]))
-
-
 def bitrate(config, n_levels: Optional[int] = None,
             quantizer: Optional[QuantizerConfig] = None) -> float:
     """Bits per second of a `SNACConfig` using its first `n_levels` levels (all by default),
-    with `quantizer.codebook_sizes` if given. SNAC's presets give 984.4 (24 kHz), 1875.0
-    (32 kHz) and 2583.98 (44.1 kHz) bit/s: the published 0.98, 1.9 and 2.6 kbps."""
+    with `quantizer.codebook_sizes` if given (`SNACConfig.bitrate` with this quantizer's
+    per-level sizes). SNAC's presets give 984.4 (24 kHz), 1875.0 (32 kHz) and 2583.98
+    (44.1 kHz) bit/s: the published 0.98, 1.9 and 2.6 kbps. A `Codec`'s bitrate is
+    `bitrate(codec.config, quantizer=codec.quantizer)`."""
     quantizer = QuantizerConfig() if quantizer is None else quantizer
-    sizes = quantizer.level_codebook_sizes(len(config.vq_strides), config.codebook_size)
-    frame_rate = config.sampling_rate / config.hop_length
-    return frame_rate * bits_per_frame(config.vq_strides, sizes, n_levels)
+    sizes = quantizer.level_codebook_sizes(config.n_levels, config.codebook_size)
+    return config.bitrate(n_levels, codebook_sizes=sizes)
 
 
 # ---- pure codebook functions (all global reductions) ----------------------------------------

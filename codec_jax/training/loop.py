@@ -102,8 +102,7 @@ def _validate(config: ml_collections.ConfigDict, snac_config) -> None:
             f"sampling_rate={snac_config.sampling_rate}")
     if config.train.num_steps <= 0:
         raise ValueError("train.num_steps must be positive")
-    if config.quantizer.kind not in ("ema", "factorized"):
-        raise ValueError(f"quantizer.kind must be 'ema' or 'factorized', got {config.quantizer.kind!r}")
+    # quantizer.kind and the other quantizer options are checked by QuantizerConfig itself.
 
 
 class RecompilationError(RuntimeError):

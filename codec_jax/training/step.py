@@ -1,6 +1,6 @@
 """The GAN train step and the eval step: pure functions over `TrainState`.
 
-One generator forward per step (DAC runs it twice):
+One generator forward per step, as DAC's PyTorch loop (the JAX port DAC-JAX runs it twice):
 
 1. `jax.vjp` of the generator at the current parameters gives the reconstruction,
    the quantizer losses and a VJP closure that keeps the forward's residuals.
@@ -27,6 +27,7 @@ import ml_collections
 import optax
 
 from codec_jax import losses as L
+from codec_jax.nn.quantizer import code_health
 from codec_jax.training.balancer import Balancer
 from codec_jax.training import optim
 from codec_jax.training.builders import GeneratorAdapter
@@ -131,19 +132,14 @@ def _select(ok: jax.Array, new: Any, old: Any) -> Any:
     return jax.tree_util.tree_map(lambda n, o: jnp.where(ok, n, o), new, old)
 
 
-def codebook_health(codes: list[jax.Array], codebook_size: int) -> Metrics:
-    """Per-level usage statistics of a batch of codes (each int32 `[batch, frames]`).
-
-    `batch_usage`: fraction of the codebook used in the batch; `batch_perplexity`: exp of the
-    entropy of the code histogram (= codebook size for a uniform code distribution).
-    """
+def codebook_health(codes: list[jax.Array], codebook_sizes: tuple[int, ...]) -> Metrics:
+    """Per-level `batch_usage` / `batch_perplexity` (`quantizer.code_health`) of a batch of
+    codes (each int32 `[batch, frames]`), level `l` out of `codebook_sizes[l]` codes."""
     out = {}
-    for level, c in enumerate(codes):
-        counts = jnp.bincount(c.reshape(-1), length=codebook_size).astype(jnp.float32)
-        p = counts / jnp.maximum(jnp.sum(counts), 1.0)
-        entropy = -jnp.sum(jnp.where(p > 0, p * jnp.log(jnp.where(p > 0, p, 1.0)), 0.0))
-        out[f"codebook/level_{level}/batch_usage"] = jnp.mean(counts > 0)
-        out[f"codebook/level_{level}/batch_perplexity"] = jnp.exp(entropy)
+    for level, (c, size) in enumerate(zip(codes, codebook_sizes)):
+        perplexity, usage = code_health(c, size)
+        out[f"codebook/level_{level}/batch_usage"] = usage
+        out[f"codebook/level_{level}/batch_perplexity"] = perplexity
     return out
 
 
@@ -281,7 +277,7 @@ def make_train_step(
         metrics["skipped"] = (~ok).astype(jnp.int32)
         metrics["skipped_total"] = new_state.skipped_steps
         metrics["consecutive_skips"] = new_state.consecutive_skips
-        metrics.update(codebook_health(aux["codes"], generator.config.codebook_size))
+        metrics.update(codebook_health(aux["codes"], generator.codebook_sizes))
         for name, per_level in aux["quantizer_metrics"].items():
             for level, value in enumerate(per_level):
                 metrics[f"codebook/level_{level}/{name}"] = jnp.asarray(value, jnp.float32)
@@ -311,7 +307,7 @@ def make_eval_step(*, generator: GeneratorAdapter, loss_settings: LossSettings
             "waveform_l1": L.waveform_l1_loss(recon, audio),
         }
         metrics.update({k.replace("codebook/", "codes/"): v for k, v in
-                        codebook_health(out["codes"], generator.config.codebook_size).items()})
+                        codebook_health(out["codes"], generator.codebook_sizes).items()})
         return metrics, recon
 
     return eval_step
