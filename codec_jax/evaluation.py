@@ -340,6 +340,7 @@ class PerceptualPool:
 
 
 def reconstruction_metrics(reference, reconstruction, *, sample_rate: int, lengths=None,
+                           spectral: bool = True,
                            perceptual: bool = False, pesq: bool = True, stoi: bool = True,
                            visqol: bool = True, visqol_mode: str = "auto",
                            workers: Optional[int] = None) -> dict[str, float]:
@@ -351,6 +352,7 @@ def reconstruction_metrics(reference, reconstruction, *, sample_rate: int, lengt
       reference, reconstruction: `[batch, samples]` arrays (numpy or jax).
       sample_rate: their rate in Hz.
       lengths: valid samples per row (default: all).
+      spectral: mel distance, STFT distance and SI-SDR.
       perceptual: also PESQ-wb / STOI / ViSQOL (CPU work in `workers` processes; the
         `pesq`, `stoi`, `visqol` switches choose among them).
 
@@ -361,8 +363,10 @@ def reconstruction_metrics(reference, reconstruction, *, sample_rate: int, lengt
     reference = np.asarray(reference, np.float32)
     reconstruction = np.asarray(reconstruction, np.float32)
     lengths = np.full(reference.shape[0], reference.shape[1]) if lengths is None else np.asarray(lengths)
-    per_file = spectral_metrics(reference, reconstruction, lengths, sample_rate=sample_rate)
-    out = {k: float(np.mean(v)) for k, v in per_file.items()}
+    out: dict[str, float] = {}
+    if spectral:
+        per_file = spectral_metrics(reference, reconstruction, lengths, sample_rate=sample_rate)
+        out.update({k: float(np.mean(v)) for k, v in per_file.items()})
     if perceptual:
         mode = visqol_mode_for(sample_rate, visqol_mode) if visqol else None
         pool = PerceptualPool(sample_rate, pesq=pesq, stoi=stoi, visqol_mode=mode,
