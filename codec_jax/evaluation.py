@@ -665,14 +665,22 @@ def evaluate_codec(codec, inputs: Sequence[str], out_dir: str | os.PathLike, *,
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
 
-    audio = []
+    audio, kept_files, skipped = [], [], []
     shortest = min_samples()
     for path in tqdm(files, desc="reading", disable=not settings.progress, file=sys.stderr):
         x = read_mono(path, sr)
         if x.shape[0] < shortest:
-            raise WorkError(f"{path}: {x.shape[0] / sr * 1000:.0f} ms is too short to evaluate "
-                            f"(the 2048-sample mel window needs at least {shortest} samples)")
+            # Too short for the 2048-sample mel window: left out and listed, not fatal, so
+            # one stray clip does not stop a corpus evaluation.
+            skipped.append({"file": path, "reason": f"{x.shape[0]} samples, fewer than {shortest}"})
+            print(f"codec-jax eval: skipping {path}: {x.shape[0] / sr * 1000:.0f} ms is too short "
+                  f"(the metrics need at least {shortest} samples)", file=sys.stderr)
+            continue
         audio.append(x)
+        kept_files.append(path)
+    if not audio:
+        raise WorkError(f"every input file is shorter than {shortest} samples at {sr} Hz")
+    files = kept_files
     names = _unique_names(files)
 
     pool = PerceptualPool(sr, pesq=settings.pesq, stoi=settings.stoi, visqol_mode=visqol_mode,
@@ -743,6 +751,7 @@ def evaluate_codec(codec, inputs: Sequence[str], out_dir: str | os.PathLike, *,
     summary = {
         "model": model_identity(codec, model_name),
         "files": len(files),
+        "skipped": skipped,
         "total_seconds": float(sum(x.shape[0] for x in audio) / sr),
         "metrics": stats(rows),
         "by_level": {str(k): {"bitrate_bps": config.bitrate(k),
