@@ -370,7 +370,8 @@ def reconstruction_metrics(reference, reconstruction, *, sample_rate: int, lengt
     if perceptual:
         mode = visqol_mode_for(sample_rate, visqol_mode) if visqol else None
         pool = PerceptualPool(sample_rate, pesq=pesq, stoi=stoi, visqol_mode=mode,
-                              workers=min(workers or os.cpu_count() or 1, len(reference)),
+                              workers=min((os.cpu_count() or 1) if workers is None else workers,
+                                          len(reference)),
                               progress=False)
         for i, n in enumerate(lengths):
             pool.submit(i, reference[i, :n], reconstruction[i, :n])
@@ -683,8 +684,10 @@ def evaluate_codec(codec, inputs: Sequence[str], out_dir: str | os.PathLike, *,
     files = kept_files
     names = _unique_names(files)
 
+    tasks = len(files) * len(levels)
+    workers = min(os.cpu_count() or 1, tasks) if settings.workers is None else min(settings.workers, tasks)
     pool = PerceptualPool(sr, pesq=settings.pesq, stoi=settings.stoi, visqol_mode=visqol_mode,
-                          workers=settings.workers, progress=settings.progress)
+                          workers=workers, progress=settings.progress)
     spectral: dict[tuple[int, int], dict[str, float]] = {}
     kept: dict[int, np.ndarray] = {}  # full-level reconstructions, [samples]
     sizes = codec.quantizer.level_codebook_sizes(config.n_levels, config.codebook_size)

@@ -342,3 +342,49 @@ def test_eval_command_end_to_end_on_the_tiny_preset(tmp_path):
 
     # A second run into the same directory is refused: no report is lost.
     assert main(argv) == 2
+
+
+@pytest.mark.parametrize("enabled", [True, False])
+def test_trainer_eval_logs_perceptual_metrics_when_enabled(tmp_path, enabled):
+    """`logging.eval_perceptual` adds PESQ/STOI/ViSQOL of the eval clips to metrics.jsonl,
+    with the values `reconstruction_metrics` gives for the same clips."""
+    import jax.numpy as jnp
+
+    from codec_jax.configs import tiny
+    from codec_jax.data import pipeline
+    from codec_jax.training import loop
+    from codec_jax.training import metrics as tm
+    from codec_jax.training import sharding as shard_lib
+
+    config = tiny.get_config()
+    config.data.crop_seconds = 1.0
+    config.logging.eval_batches = 1
+    config.logging.eval_batch_size = 2
+    config.logging.num_audio_samples = 0
+    config.logging.eval_perceptual = enabled
+
+    def degrade(audio):
+        return 0.7 * audio + 0.05 * jnp.roll(audio, 7, axis=1)
+
+    def fake_eval_step(state, batch):  # stands in for the generator: a fixed degradation
+        return {"mel": jnp.float32(1.0)}, degrade(batch["audio"])
+
+    writer = tm.MetricWriter(str(tmp_path), jsonl=True)
+    loop._evaluate(config, None, fake_eval_step, shard_lib.create_mesh(-1, 1), writer, 5)
+    writer.close()
+    row = json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[-1])
+    assert row["step"] == 5 and row["eval/mel"] == 1.0
+    if not enabled:
+        assert not any(k in row for k in ("eval/pesq_wb", "eval/stoi", "eval/visqol"))
+        return
+    it = pipeline.create_eval_iterator(config.data, batch_size=2, num_batches=1, seed=int(config.train.seed))
+    audio = next(iter(it))["audio"]
+    it.close()
+    expected = E.reconstruction_metrics(audio, np.asarray(degrade(jnp.asarray(audio))), sample_rate=SR,
+                                        spectral=False, perceptual=True, workers=0)
+    for m in ("pesq_wb", "stoi", "visqol"):
+        got, want = row[f"eval/{m}"], expected[m]
+        if isinstance(got, str) or math.isnan(want):  # undefined for every clip: logged as "nan"
+            assert got == "nan" and math.isnan(want), (m, got, want)
+        else:
+            assert got == pytest.approx(want, rel=1e-6), m
