@@ -18,6 +18,7 @@ _COMMANDS = {
     "convert": ("codec_jax.cli.codec", "convert_main", "SNAC checkpoint dir -> orbax params dir"),
     "train": ("codec_jax.cli.train", "main", "train a codec (codec_jax/configs/*.py)"),
     "prepare-data": ("codec_jax.cli.prepare", "main", "audio folder -> TFDS array_record dataset"),
+    "eval": ("codec_jax.cli.eval", "main", "measure a codec on audio files: metrics, report"),
 }
 
 

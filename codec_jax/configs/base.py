@@ -129,6 +129,9 @@ def base_config(preset: str, *, batch_size: int = 16, crop_seconds: float = 1.0,
         eval_batches=8,
         eval_batch_size=batch_size,
         num_audio_samples=4,
+        # PESQ-wb, STOI and ViSQOL of the eval clips (codec_jax/evaluation.py), computed in
+        # CPU worker processes: seconds per eval on the full presets, which turn it on.
+        eval_perceptual=False,
         # Also append logged scalars to workdir/metrics.jsonl (for notebooks and tests).
         jsonl=True,
     ))

@@ -13,4 +13,5 @@ from codec_jax.configs.base import apply_variants, base_config
 
 def get_config(arg: str | None = None):
     config = base_config("snac_32khz", batch_size=16, crop_seconds=1.0)
+    config.logging.eval_perceptual = True  # PESQ-wb / STOI / ViSQOL at every eval
     return apply_variants(config, arg)

@@ -379,6 +379,8 @@ def _evaluate(config, state, p_eval_step, mesh, writer, step: int) -> dict[str, 
         seed=int(config.train.seed), process_index=jax.process_index(),
         process_count=jax.process_count())
     results, first = [], None
+    perceptual = bool(config.logging.get("eval_perceptual", False))
+    pairs = []  # (audio, reconstruction) of every batch, for the perceptual metrics
     try:
         for host_batch in it:
             batch = shard_lib.make_global_batch(host_batch, mesh)
@@ -386,9 +388,20 @@ def _evaluate(config, state, p_eval_step, mesh, writer, step: int) -> dict[str, 
             results.append(metrics)
             if first is None:
                 first = (batch["audio"], recon)
+            if perceptual:
+                pairs.append([np.asarray(multihost_utils.process_allgather(x, tiled=True))
+                              for x in (batch["audio"], recon)])
     finally:
         it.close()
     values = tm.aggregate(jax.device_get(results))
+    if perceptual and jax.process_index() == 0 and pairs:
+        # PESQ-wb / STOI / ViSQOL of every eval clip (CPU worker processes), the same
+        # definitions as `codec-jax eval` (codec_jax/evaluation.py).
+        from codec_jax import evaluation
+
+        values.update(evaluation.reconstruction_metrics(
+            np.concatenate([a for a, _ in pairs]), np.concatenate([r for _, r in pairs]),
+            sample_rate=int(config.data.sample_rate), spectral=False, perceptual=True))
     writer.scalars(step, values, prefix="eval/")
     n = int(config.logging.num_audio_samples)
     if first is not None and n > 0:
