@@ -23,6 +23,8 @@ from typing import Any, Optional
 import grain
 import orbax.checkpoint as ocp
 
+from codec_jax.paths import as_path
+
 log = logging.getLogger(__name__)
 
 
@@ -30,7 +32,7 @@ class TrainCheckpointer:
     """Save/restore `(state, data iterator)` pairs under `directory`."""
 
     def __init__(self, directory: str, *, keep: int = 3, async_save: bool = True):
-        self.directory = os.path.abspath(directory)
+        self.directory = as_path(directory)  # local, or a bucket: gs://bucket/run/checkpoints
         options = ocp.CheckpointManagerOptions(
             max_to_keep=int(keep) if keep and keep > 0 else None,
             enable_async_checkpointing=bool(async_save),
