@@ -64,6 +64,18 @@ class TrainCheckpointer:
         """Restore checkpoint `step` into `abstract_state`'s shapes, dtypes and shardings
         (leaves: `jax.ShapeDtypeStruct(..., sharding=...)`), and move `data_iterator` to
         the saved position. Returns the state."""
+        import jax
+
+        data_file = (self.directory / str(step) / "data"
+                     / f"process_{jax.process_index()}-of-{jax.process_count()}.json")
+        if not data_file.exists():
+            # Written by a group of another size: every process's data shard changed, so
+            # there is no position to resume; the model state still restores exactly.
+            log.warning("checkpoint %d in %s holds no data position for %d process(es); "
+                        "the model state is restored, the data iterators start afresh",
+                        step, self.directory, jax.process_count())
+            args = ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state))
+            return self.manager.restore(step, args=args).state
         args = ocp.args.Composite(
             state=ocp.args.StandardRestore(abstract_state),
             data=grain.checkpoint.CheckpointRestore(data_iterator),

@@ -16,6 +16,7 @@ from __future__ import annotations
 import io
 import json
 import math
+import struct
 import time
 from typing import Any, Mapping, Optional, Sequence
 
@@ -226,25 +227,32 @@ class _EpathEventFile:
 
     Objects cannot be appended to, so the file's bytes are kept and the whole object is
     rewritten at each flush (what tensorboardX's own GCS writer does). Past
-    `max_bytes` the writer continues in a new object `<name>.0001`, `<name>.0002`, ...
+    `max_bytes` the writer continues, at the next record, in a new object `<name>.0001`, `<name>.0002`, ...
     (TensorBoard reads every `*tfevents*` file of a directory in name order), so each
     flush rewrites at most `max_bytes` however long the run.
     """
 
-    def __init__(self, path: str, max_bytes: int = 16 * 2 ** 20):
+    def __init__(self, path: str, max_bytes: int):
         self.base, self.part, self.max_bytes = path, 0, max_bytes
         self.buffer = io.BytesIO()
         self.closed = False
+        self._record_left = 0  # bytes of the current TFRecord still to come
 
     def _path(self) -> epath.Path:
         return epath.Path(self.base if self.part == 0 else f"{self.base}.{self.part:04d}")
 
     def write(self, data: bytes) -> None:
-        if self.buffer.tell() and self.buffer.tell() + len(data) > self.max_bytes:
-            self.flush()
-            self.part += 1
-            self.buffer = io.BytesIO()
+        # tensorboardX writes a record as 4 pieces, the first its 8-byte length (TFRecord
+        # framing: length, crc, data, crc); a new part may only start there.
+        if self._record_left == 0:
+            if self.buffer.tell() >= self.max_bytes:
+                self.flush()
+                self.part += 1
+                self.buffer = io.BytesIO()
+            (length,) = struct.unpack("<Q", data[:8])
+            self._record_left = 8 + 4 + length + 4
         self.buffer.write(data)
+        self._record_left -= len(data)
 
     def flush(self) -> None:
         if self.buffer.tell():
@@ -256,9 +264,13 @@ class _EpathEventFile:
             self.closed = True
 
 
+# Size of one remote event-file object (each flush rewrites the current one).
+REMOTE_EVENT_PART_BYTES = 16 * 2 ** 20
+
+
 class _EpathEventFileFactory:
     def open(self, path: str) -> _EpathEventFile:
-        return _EpathEventFile(path)
+        return _EpathEventFile(path, REMOTE_EVENT_PART_BYTES)
 
     def directory_check(self, path: str) -> None:
         epath.Path(path).mkdir(parents=True, exist_ok=True)
