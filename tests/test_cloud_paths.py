@@ -15,10 +15,11 @@ import json
 import logging
 import os
 import socket
-import struct
 
 import numpy as np
 import pytest
+
+from test_metrics import read_events
 
 pytest.importorskip("gcsfs", reason="gs:// paths need gcsfs (pip install gcsfs)")
 emulator_server = pytest.importorskip(
@@ -65,21 +66,6 @@ def test_as_path_keeps_urls_and_makes_local_paths_absolute(tmp_path, monkeypatch
     assert str(as_path("gs://b/run") / "checkpoints") == "gs://b/run/checkpoints"
     assert str(as_path("run")) == str(tmp_path / "run")
     assert str(as_path("~/x")) == os.path.expanduser("~/x")
-
-
-def read_events(paths) -> list:
-    """TensorBoard `Event` protos from TFRecord-framed files, in file order."""
-    from tensorboardX.proto.event_pb2 import Event
-
-    events = []
-    for path in paths:
-        data = path.read_bytes()
-        pos = 0
-        while pos < len(data):
-            (length,) = struct.unpack("<Q", data[pos:pos + 8])
-            events.append(Event.FromString(data[pos + 12:pos + 12 + length]))
-            pos += 12 + length + 4
-    return events
 
 
 def test_event_files_roll_over_on_a_bucket(bucket, monkeypatch):
