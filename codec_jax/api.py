@@ -313,8 +313,12 @@ def load_pretrained(path: str | os.PathLike, dtype: str = "float32") -> Codec:
     - a directory written by `Codec.save` (orbax);
     - a preset name (`snac_24khz`, `snac_32khz`, `snac_44khz`, `tiny`) gives randomly
       initialised weights (no download ever happens).
+
+    Directories may be local or in a bucket (`gs://...`, read through etils.epath).
     """
-    p = Path(path)
+    from codec_jax.paths import as_path
+
+    p = as_path(path)
     if p.is_dir():
         if (p / checkpoint.PARAMS_SUBDIR).exists():
             config, variables, quantizer = checkpoint.load_converted(p)

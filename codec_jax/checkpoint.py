@@ -384,11 +384,18 @@ def save_converted(path: str | os.PathLike, config: SNACConfig, variables: dict[
 
     import orbax.checkpoint as ocp
 
-    path = Path(path).absolute()
-    path.mkdir(parents=True, exist_ok=True)
-    config.to_json(path / "config.json")
-    if quantizer is not None:
-        (path / QUANTIZER_JSON).write_text(json.dumps(dataclasses.asdict(quantizer), indent=2))
+    import jax
+
+    from codec_jax.paths import as_path
+
+    path = as_path(path)  # local or gs://
+    # Every process takes part in the orbax save (each writes its own shards); the JSON
+    # files are written once.
+    if jax.process_index() == 0:
+        path.mkdir(parents=True, exist_ok=True)
+        config.to_json(path / "config.json")
+        if quantizer is not None:
+            (path / QUANTIZER_JSON).write_text(json.dumps(dataclasses.asdict(quantizer), indent=2))
     with ocp.StandardCheckpointer() as checkpointer:
         checkpointer.save(path / PARAMS_SUBDIR, variables, force=True)
 
@@ -400,8 +407,9 @@ def load_converted(path: str | os.PathLike):
     import orbax.checkpoint as ocp
 
     from codec_jax.nn.quantizer import QuantizerConfig
+    from codec_jax.paths import as_path
 
-    path = Path(path).absolute()
+    path = as_path(path)  # local or gs://
     config = SNACConfig.from_json(path / "config.json")
     quantizer = QuantizerConfig()
     if (path / QUANTIZER_JSON).exists():

@@ -147,18 +147,20 @@ class SNACConfig:
 
     @classmethod
     def from_json(cls, path: str | os.PathLike) -> "SNACConfig":
-        with open(path) as f:
-            try:
-                data = json.load(f)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}: not valid JSON ({e})") from None
+        from etils import epath  # local or gs:// paths
+
+        try:
+            data = json.loads(epath.Path(path).read_text())
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}: not valid JSON ({e})") from None
         if not isinstance(data, dict):
             raise ValueError(f"{path}: expected a JSON object of SNAC config keys")
         return cls.from_dict(data)
 
     def to_json(self, path: str | os.PathLike) -> None:
-        with open(path, "w") as f:
-            json.dump(self.to_dict(), f, indent=2)
+        from etils import epath  # local or gs:// paths
+
+        epath.Path(path).write_text(json.dumps(self.to_dict(), indent=2))
 
 
 PRESETS: dict[str, SNACConfig] = {

@@ -431,14 +431,6 @@ def test_metric_aggregation_and_progress_line():
     line = tm.progress_line(50, 100, {"loss/mel": 3.0, "perf/step_time_s": 2.0,
                                       "perf/audio_seconds_per_s": 8.0, "skipped": 2})
     assert "step 50/100 (50.0%)" in line and "ETA 1m40s" in line and "skipped 2" in line
-    import zlib
-
-    image = tm.spectrogram_image(np.sin(np.arange(2048) * 0.2))
-    png = tm.encode_png(image)
-    assert png.startswith(b"\x89PNG\r\n\x1a\n")
-    idat = png[png.index(b"IDAT") + 4:png.index(b"IEND") - 8]
-    raw = np.frombuffer(zlib.decompress(idat), np.uint8).reshape(image.shape[0], -1)
-    np.testing.assert_array_equal(raw[:, 1:].reshape(image.shape), image)
 
 
 def test_cli_usage_and_errors(capsys):

@@ -23,6 +23,8 @@ from typing import Any, Optional
 import grain
 import orbax.checkpoint as ocp
 
+from codec_jax.paths import as_path
+
 log = logging.getLogger(__name__)
 
 
@@ -30,7 +32,7 @@ class TrainCheckpointer:
     """Save/restore `(state, data iterator)` pairs under `directory`."""
 
     def __init__(self, directory: str, *, keep: int = 3, async_save: bool = True):
-        self.directory = os.path.abspath(directory)
+        self.directory = as_path(directory)  # local, or a bucket: gs://bucket/run/checkpoints
         options = ocp.CheckpointManagerOptions(
             max_to_keep=int(keep) if keep and keep > 0 else None,
             enable_async_checkpointing=bool(async_save),
@@ -62,6 +64,18 @@ class TrainCheckpointer:
         """Restore checkpoint `step` into `abstract_state`'s shapes, dtypes and shardings
         (leaves: `jax.ShapeDtypeStruct(..., sharding=...)`), and move `data_iterator` to
         the saved position. Returns the state."""
+        import jax
+
+        data_file = (self.directory / str(step) / "data"
+                     / f"process_{jax.process_index()}-of-{jax.process_count()}.json")
+        if not data_file.exists():
+            # Written by a group of another size: every process's data shard changed, so
+            # there is no position to resume; the model state still restores exactly.
+            log.warning("checkpoint %d in %s holds no data position for %d process(es); "
+                        "the model state is restored, the data iterators start afresh",
+                        step, self.directory, jax.process_count())
+            args = ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state))
+            return self.manager.restore(step, args=args).state
         args = ocp.args.Composite(
             state=ocp.args.StandardRestore(abstract_state),
             data=grain.checkpoint.CheckpointRestore(data_iterator),

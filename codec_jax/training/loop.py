@@ -17,11 +17,9 @@ from __future__ import annotations
 import dataclasses
 import functools
 import logging
-import os
 import signal
 import threading
 import time
-from pathlib import Path
 from typing import Any, Optional
 
 import jax
@@ -30,6 +28,7 @@ import numpy as np
 from jax.experimental import multihost_utils
 
 from codec_jax import checkpoint as ckpt_io
+from codec_jax.paths import as_path
 from codec_jax.training import optim
 from codec_jax.training import sharding as shard_lib
 from codec_jax.training import metrics as tm
@@ -78,7 +77,7 @@ def _print(msg: str) -> None:
 def load_generator_params(path: str, expected: Any) -> Any:
     """Generator parameters (numpy tree) from a SNAC hub directory or a directory written
     by `Codec.save`; the checkpoint's `config.json` must describe the configured model."""
-    p = Path(path)
+    p = as_path(path)
     if (p / ckpt_io.PARAMS_SUBDIR).exists():
         config, variables, _ = ckpt_io.load_converted(p)
         params = variables["params"]
@@ -132,7 +131,8 @@ class TraceCounter:
 
 
 def enable_compilation_cache(cache_dir: str) -> None:
-    """Use a persistent XLA compilation cache in `cache_dir` (no-op when empty).
+    """Use a persistent XLA compilation cache in `cache_dir` (no-op when empty; local or
+    `gs://`, JAX reads it through etils.epath).
 
     Restarted jobs (after preemption, or resume tests) then load the compiled train step
     instead of recompiling it. JAX decides whether to use the cache at the process's
@@ -142,7 +142,7 @@ def enable_compilation_cache(cache_dir: str) -> None:
         return
     from jax.experimental.compilation_cache import compilation_cache
 
-    cache_dir = os.path.abspath(os.path.expanduser(cache_dir))
+    cache_dir = str(as_path(cache_dir))
     if jax.config.jax_compilation_cache_dir != cache_dir:
         jax.config.update("jax_compilation_cache_dir", cache_dir)
         compilation_cache.reset_cache()
@@ -231,14 +231,15 @@ def create_training_setup(config: ml_collections.ConfigDict,
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
     """Train (or resume) to `config.train.num_steps`; returns the last logged metrics.
 
-    Writes `workdir/checkpoints/<step>/`, `workdir/tensorboard/`, `workdir/metrics.jsonl`
-    and `workdir/config.json`.
+    Writes `workdir/checkpoints/<step>/`, `workdir/tensorboard/`, `workdir/metrics.jsonl`,
+    `workdir/config.json` and, at the last step, `workdir/export/`. `workdir` may be local
+    or a bucket (`gs://bucket/run`, any etils.epath URL).
 
     Raises:
       NonFiniteTrainingError: `train.max_consecutive_skips` steps in a row had
         non-finite losses or gradients (the parameters were left untouched).
     """
-    workdir = os.path.abspath(os.path.expanduser(workdir))
+    workdir = as_path(workdir)
     config = ml_collections.ConfigDict(config.to_dict())  # private, unlocked copy
     setup = create_training_setup(config)
     mesh, generator = setup.mesh, setup.generator
@@ -252,7 +253,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         process_index=jax.process_index(), process_count=jax.process_count())
 
     # ---- state: resume, or create (from an imported generator when configured) ----
-    checkpointer = TrainCheckpointer(os.path.join(workdir, "checkpoints"),
+    checkpointer = TrainCheckpointer(workdir / "checkpoints",
                                      keep=config.checkpoint.keep,
                                      async_save=config.checkpoint.async_save)
     state, restored_step = checkpointer.restore_latest(setup.restore_target(), train_iter)
@@ -268,9 +269,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         _print(f"resumed from {checkpointer.directory}/{restored_step} (step {start_step})")
 
     if jax.process_index() == 0:
-        os.makedirs(workdir, exist_ok=True)
-        with open(os.path.join(workdir, "config.json"), "w") as f:
-            f.write(config.to_json_best_effort(indent=2))
+        workdir.mkdir(parents=True, exist_ok=True)
+        (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
     _print(f"mesh {dict(mesh.shape)} on {jax.device_count()} {jax.devices()[0].platform} "
            f"device(s), {jax.process_count()} process(es); generator "
            f"{ts.param_count(state.gen_params):,} params, discriminator "
@@ -280,8 +280,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
              shard_lib.describe_shardings(setup.abstract_state, setup.state_shardings))
 
     p_train_step, p_eval_step = setup.p_train_step, setup.p_eval_step
-    writer = tm.MetricWriter(workdir, enabled=jax.process_index() == 0,
-                             jsonl=bool(config.logging.jsonl))
+    writer = tm.create_writer(workdir, enabled=jax.process_index() == 0,
+                              jsonl=bool(config.logging.jsonl))
     num_steps = int(config.train.num_steps)
     log_every = max(int(config.logging.every_steps), 1)
     eval_every = int(config.logging.eval_every_steps)
@@ -322,7 +322,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                 history = []
                 values.update(throughput.rates(step))
                 values.update(tm.device_memory())
-                writer.scalars(step, values, prefix="train/")
+                writer.write_scalars(step, {f"train/{k}": v for k, v in values.items()})
                 _print(tm.progress_line(step, num_steps, values))
                 last_logged = values
                 throughput.reset(step)
@@ -337,8 +337,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                 break
             if (ckpt_every > 0 and step % ckpt_every == 0) or step == num_steps:
                 checkpointer.save(step, state, train_iter)
+                writer.flush()  # metrics up to a checkpoint survive a lost VM
             if step == num_steps:
-                export_codec(os.path.join(workdir, "export"), setup, state)
+                export_codec(workdir / "export", setup, state)
     finally:
         preemption.restore()
         checkpointer.close()
@@ -402,16 +403,22 @@ def _evaluate(config, state, p_eval_step, mesh, writer, step: int) -> dict[str, 
         values.update(evaluation.reconstruction_metrics(
             np.concatenate([a for a, _ in pairs]), np.concatenate([r for _, r in pairs]),
             sample_rate=int(config.data.sample_rate), spectral=False, perceptual=True))
-    writer.scalars(step, values, prefix="eval/")
+    writer.write_scalars(step, {f"eval/{k}": v for k, v in values.items()})
     n = int(config.logging.num_audio_samples)
     if first is not None and n > 0:
         audio, recon = (multihost_utils.process_allgather(x, tiled=True) for x in first)
         rate = int(config.data.sample_rate)
         for i in range(min(n, audio.shape[0])):
-            writer.audio(step, f"eval/{i}/original", audio[i], rate)
-            writer.audio(step, f"eval/{i}/reconstruction", recon[i], rate)
-            writer.image(step, f"eval/{i}/spectrogram_original", tm.spectrogram_image(audio[i]))
-            writer.image(step, f"eval/{i}/spectrogram_reconstruction", tm.spectrogram_image(recon[i]))
+            for kind, clip in (("original", audio[i]), ("reconstruction", recon[i])):
+                problem = tm.finite_or_none(clip)
+                if problem is not None:  # a diverged model: no audio or picture of it
+                    log.warning("eval @ %d: %s clip %d not written to TensorBoard: %s",
+                                step, kind, i, problem)
+                    continue
+                writer.write_audios(step, {f"eval/{i}/{kind}": clip[None, :, None]},
+                                    sample_rate=rate)
+                writer.write_images(step, {f"eval/{i}/spectrogram_{kind}":
+                                           tm.spectrogram_image(clip)})
     writer.flush()
     _print("eval @ {}: {}".format(step, ", ".join(
         f"{k} {v:.4g}" for k, v in values.items() if not k.startswith("codes/"))))
