@@ -143,6 +143,21 @@ class SNACConfig:
             raise ValueError(
                 f"unknown SNAC config keys {unknown}; expected a subset of {list(SNAC_CONFIG_KEYS)}"
             )
+        # A config.json is user input: check the JSON types before the dataclass sees them.
+        def is_int(v):
+            return isinstance(v, int) and not isinstance(v, bool)
+
+        for name, value in data.items():
+            if name in ("noise", "depthwise"):
+                ok = isinstance(value, bool)
+            elif name in ("encoder_rates", "decoder_rates", "vq_strides"):
+                ok = isinstance(value, (list, tuple)) and all(is_int(v) for v in value)
+            elif name in ("latent_dim", "attn_window_size"):
+                ok = value is None or (is_int(value) and value >= 1)
+            else:
+                ok = is_int(value) and value >= 1
+            if not ok:
+                raise ValueError(f"SNAC config key {name!r} has an invalid value {value!r}")
         return cls(**data)
 
     @classmethod
@@ -218,4 +233,6 @@ def get_preset(name: str) -> SNACConfig:
     try:
         return PRESETS[name]
     except KeyError:
-        raise ValueError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}") from None
+        from codec_jax.errors import UsageError  # a ValueError too
+
+        raise UsageError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}") from None

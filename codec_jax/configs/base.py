@@ -115,6 +115,9 @@ def base_config(preset: str, *, batch_size: int = 16, crop_seconds: float = 1.0,
         # Persistent XLA compilation cache: a restarted (preempted) job skips
         # recompiling. Empty: off.
         compilation_cache_dir="",
+        # Exit status of `codec-jax train` after a SIGTERM (preemption) save: non-zero,
+        # so that a scheduler restarts the job instead of marking it done.
+        preemption_exit_code=143,
     ))
 
     c.checkpoint = ml_collections.ConfigDict(dict(

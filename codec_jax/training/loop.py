@@ -9,7 +9,9 @@ calls this function; notebooks call it directly:
 
 The run resumes by itself from the newest checkpoint in `workdir` (state and data
 position), so the same command restarts a preempted job. SIGTERM makes the loop save a
-checkpoint at the current step and return normally.
+checkpoint at the current step and raise `codec_jax.errors.Preempted` (the command line
+exits with `train.preemption_exit_code`, default 143, so a scheduler restarts the job).
+A run already at `train.num_steps` returns at once.
 """
 
 from __future__ import annotations
@@ -29,13 +31,15 @@ from jax.experimental import multihost_utils
 
 from codec_jax import checkpoint as ckpt_io
 from codec_jax.paths import as_path
+from codec_jax.errors import Preempted, UsageError
 from codec_jax.training import optim
 from codec_jax.training import sharding as shard_lib
 from codec_jax.training import metrics as tm
 from codec_jax.training import builders
 from codec_jax.training import state as ts
 from codec_jax.training.checkpoint import TrainCheckpointer
-from codec_jax.training.step import LossSettings, make_eval_step, make_train_step
+from codec_jax.training.step import (LossSettings, make_eval_step, make_train_step,
+                                     validate_hyperparameters)
 
 log = logging.getLogger(__name__)
 
@@ -96,11 +100,11 @@ def _crop_samples(config: ml_collections.ConfigDict) -> int:
 
 def _validate(config: ml_collections.ConfigDict, snac_config) -> None:
     if int(config.data.sample_rate) != snac_config.sampling_rate:
-        raise ValueError(
+        raise UsageError(
             f"data.sample_rate={config.data.sample_rate} differs from the model's "
             f"sampling_rate={snac_config.sampling_rate}")
     if config.train.num_steps <= 0:
-        raise ValueError("train.num_steps must be positive")
+        raise UsageError("train.num_steps must be positive")
     # quantizer.kind and the other quantizer options are checked by QuantizerConfig itself.
 
 
@@ -193,6 +197,7 @@ def create_training_setup(config: ml_collections.ConfigDict,
                           devices: Optional[list] = None) -> TrainingSetup:
     """Models, optimizers, mesh (over `devices`, default all) and the jitted steps."""
     enable_compilation_cache(config.train.get("compilation_cache_dir", ""))
+    validate_hyperparameters(config)
     generator = builders.build_generator(config)
     discriminator = builders.build_discriminator(config)
     _validate(config, generator.config)
@@ -267,6 +272,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     else:
         start_step = int(jax.device_get(state.step))
         _print(f"resumed from {checkpointer.directory}/{restored_step} (step {start_step})")
+    num_steps = int(config.train.num_steps)
+    if start_step >= num_steps:
+        _print(f"already at step {start_step} of {num_steps}; nothing to do")
+        checkpointer.close()
+        train_iter.close()
+        return {}
 
     if jax.process_index() == 0:
         workdir.mkdir(parents=True, exist_ok=True)
@@ -282,7 +293,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     p_train_step, p_eval_step = setup.p_train_step, setup.p_eval_step
     writer = tm.create_writer(workdir, enabled=jax.process_index() == 0,
                               jsonl=bool(config.logging.jsonl))
-    num_steps = int(config.train.num_steps)
     log_every = max(int(config.logging.every_steps), 1)
     eval_every = int(config.logging.eval_every_steps)
     ckpt_every = int(config.checkpoint.every_steps)
@@ -312,12 +322,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
             # Read the previous step's skip counter while this step runs: checking
             # every step without stalling the dispatch pipeline.
             if pending is not None:
-                _check_skips(pending, step - 1, max_skips)
+                _check_skips(pending, step - 1, max_skips, checkpointer)
             pending = metrics
             history.append(metrics)
 
             if step % log_every == 0 or step == num_steps:
-                _check_skips(metrics, step, max_skips)
+                _check_skips(metrics, step, max_skips, checkpointer)
                 values = tm.aggregate(jax.device_get(history))
                 history = []
                 values.update(throughput.rates(step))
@@ -331,10 +341,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                 last_logged.update({f"eval/{k}": v for k, v in eval_values.items()})
                 throughput.reset(step)
             if preemption.requested(step):
-                checkpointer.save(step, state, train_iter, force=True)
+                saved = checkpointer.save(step, state, train_iter, force=True)
                 checkpointer.wait()
-                _print(f"preempted: checkpoint {step} saved, exiting")
-                break
+                good = checkpointer.good_steps()
+                resume = step if saved or step in good else (good[-1] if good else 0)
+                raise Preempted(step, int(config.train.get("preemption_exit_code", 143)), resume)
             if (ckpt_every > 0 and step % ckpt_every == 0) or step == num_steps:
                 checkpointer.save(step, state, train_iter)
                 writer.flush()  # metrics up to a checkpoint survive a lost VM
@@ -359,14 +370,18 @@ def export_codec(path: str, setup: TrainingSetup, state: ts.TrainState) -> None:
     _print(f"exported the codec to {path}")
 
 
-def _check_skips(metrics: dict[str, jax.Array], step: int, max_skips: int) -> None:
+def _check_skips(metrics: dict[str, jax.Array], step: int, max_skips: int,
+                 checkpointer: Optional[TrainCheckpointer] = None) -> None:
     consecutive = int(jax.device_get(metrics["consecutive_skips"]))
     if max_skips > 0 and consecutive >= max_skips:
+        good = checkpointer.good_steps() if checkpointer is not None else []
+        newest = (f"the newest checkpoint is step {good[-1]}" if good
+                  else "no checkpoint was written")
         raise NonFiniteTrainingError(
-            f"stopping at step {step}: {consecutive} consecutive steps had non-finite losses "
-            f"or gradients, and their updates were skipped (parameters are those of step "
-            f"{step - consecutive}). Check the data for NaN/inf audio, lower the learning "
-            f"rate or raise the clipping, or restart from an earlier checkpoint; "
+            f"stopping at step {step}: {consecutive} consecutive steps had non-finite losses, "
+            f"gradients or updates, and their updates were skipped (parameters are those of "
+            f"step {step - consecutive}; {newest}). Check the data for NaN/inf audio, lower "
+            f"the learning rate or raise the clipping, or restart from an earlier checkpoint; "
             f"train.max_consecutive_skips={max_skips} sets this limit.")
 
 
