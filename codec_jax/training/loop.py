@@ -246,6 +246,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     """
     workdir = as_path(workdir)
     config = ml_collections.ConfigDict(config.to_dict())  # private, unlocked copy
+    _print("building the models, optimizers and mesh...")
     setup = create_training_setup(config)
     mesh, generator = setup.mesh, setup.generator
     batch_size = int(config.train.batch_size)
@@ -267,6 +268,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         if config.init.generator_checkpoint:
             pretrained = load_generator_params(config.init.generator_checkpoint, generator.config)
             _print(f"generator initialised from {config.init.generator_checkpoint}")
+        _print("building the train state (compiling its initialiser)...")
         state = setup.init_state(pretrained)
         start_step = 0
     else:
@@ -301,13 +303,24 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     throughput = tm.Throughput(audio_seconds)
     preemption = _Preemption()
 
+    evaluations = 0
+
     def evaluate(step: int) -> dict[str, float]:
+        nonlocal evaluations
+        if evaluations == 0:
+            _print("evaluating (the first evaluation compiles the eval step)...")
+        evaluations += 1
         return _evaluate(config, state, p_eval_step, mesh, writer, step)
 
     step = start_step
     history: list[dict[str, Any]] = []
     last_logged: dict[str, float] = {}
     pending: Optional[dict[str, jax.Array]] = None  # previous step's metrics, on device
+    cache_dir = config.train.get("compilation_cache_dir", "")
+    _print("compiling the train step (generator, discriminators, losses, both updates); "
+           + (f"compiled programs are cached in {cache_dir}, so the next start loads them"
+              if cache_dir else "set --config.train.compilation_cache_dir=DIR to make the "
+              "next start skip this") + "...")
     try:
         while step < num_steps:
             batch = shard_lib.make_global_batch(next(train_iter), mesh)
