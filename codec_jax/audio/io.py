@@ -29,6 +29,21 @@ AUDIO_EXTENSIONS: tuple[str, ...] = (
     ".wav", ".flac", ".ogg", ".oga", ".opus", ".mp3", ".aif", ".aiff",
 )
 
+# Every format this libsndfile reads, by its usual extensions (header-less RAW excluded:
+# it cannot be decoded without being told its layout).
+_FORMAT_EXTENSIONS = {
+    "AIFF": (".aif", ".aiff", ".aifc"), "AU": (".au", ".snd"), "AVR": (".avr",),
+    "CAF": (".caf",), "FLAC": (".flac",), "HTK": (".htk",), "SVX": (".iff", ".svx"),
+    "MAT4": (".mat",), "MAT5": (".mat",), "MPC2K": (".mpc",), "MP3": (".mp3",),
+    "OGG": (".ogg", ".oga", ".opus"), "PAF": (".paf",), "PVF": (".pvf",), "RF64": (".rf64",),
+    "SD2": (".sd2",), "SDS": (".sds",), "IRCAM": (".sf", ".ircam"), "VOC": (".voc",),
+    "W64": (".w64",), "WAV": (".wav",), "WAVEX": (".wav",), "NIST": (".nist", ".sph"),
+    "WVE": (".wve",), "XI": (".xi",),
+}
+SOUNDFILE_EXTENSIONS: tuple[str, ...] = tuple(sorted(
+    {e for fmt in sf.available_formats() for e in _FORMAT_EXTENSIONS.get(fmt, ())}
+    | set(AUDIO_EXTENSIONS)))
+
 _PCM16_SCALE = 32768.0
 
 
@@ -139,9 +154,14 @@ def read_audio(
     if os.path.isdir(path):
         raise AudioReadError(path, "is a directory, not an audio file")
     try:
+        if os.path.getsize(path) == 0:
+            raise AudioReadError(path, "empty file (0 bytes)")
+    except OSError as e:
+        raise AudioReadError(path, f"cannot open ({e.strerror or e})") from None
+    try:
         info = sf.info(path)
     except Exception as e:  # soundfile raises LibsndfileError/RuntimeError/TypeError
-        raise AudioReadError(path, f"unreadable ({_one_line(e)})") from None
+        raise AudioReadError(path, f"unreadable ({_one_line(e, path)})") from None
     if info.frames == 0 or info.channels == 0:
         raise AudioReadError(path, "empty or truncated (0 readable samples)")
     declared = _declared_wav_frames(path) if info.format in ("WAV", "WAVEX") else None
@@ -154,7 +174,7 @@ def read_audio(
     try:
         data, _ = sf.read(path, dtype="int16" if exact else "float32", always_2d=True)
     except Exception as e:
-        raise AudioReadError(path, f"corrupt ({_one_line(e)})") from None
+        raise AudioReadError(path, f"corrupt ({_one_line(e, path)})") from None
     if data.shape[0] == 0:
         raise AudioReadError(path, "empty (0 samples decoded)")
     # libsndfile silently shortens a cut-off WAV to the bytes present; the header says
@@ -272,6 +292,8 @@ def iter_chunks(audio: DecodedAudio, max_chunk_seconds: float | None) -> Iterato
         yield start, audio.pcm[start:end]
 
 
-def _one_line(e: BaseException) -> str:
-    text = " ".join(str(e).split()) or type(e).__name__
+def _one_line(e: BaseException, path: str = "") -> str:
+    # libsndfile repeats the path ("Error opening '<path>': ..."); the caller names it once.
+    text = str(e).replace(f"Error opening {path!r}: ", "") if path else str(e)
+    text = " ".join(text.split()) or type(e).__name__
     return text[:200]
