@@ -305,13 +305,13 @@ class _DeviceRunner:
         self.depth = depth
         self.queue: collections.deque = collections.deque()
         self.wait_seconds = 0.0
-        self.shapes: set = set()
+        self.shapes: collections.Counter = collections.Counter()  # input shapes -> batches
 
     def submit(self, meta, *arrays) -> list:
         """Queues one batch; returns the `(meta, numpy outputs)` of batches now finished."""
         import jax
 
-        self.shapes.add(tuple(a.shape for a in arrays))
+        self.shapes[str(jax.tree_util.tree_map(lambda x: tuple(x.shape), list(arrays)))] += 1
         on_device = [jax.device_put(a, self.batch_sharding) for a in arrays]
         self.queue.append((meta, self.fn(self.variables, *on_device)))
         out = []
@@ -393,6 +393,7 @@ class JobReport:
     audio_seconds: float = 0.0
     wall_seconds: float = 0.0
     programs: int = 0            # distinct batch shapes run (<= the bucket count)
+    batches: dict[str, int] = dataclasses.field(default_factory=dict)  # shapes -> batches
     compiled_programs: int = 0   # of those, compiled by this job (not cached before)
     buckets: str = ""
     devices: int = 0
@@ -792,6 +793,7 @@ def encode_corpus(codec, model_name: str, files: Sequence[InputFile], options: E
                                                 "config": config.to_dict()})
     report.wall_seconds = time.perf_counter() - t_start
     report.programs = len(runner.shapes)
+    report.batches = dict(runner.shapes)
     report.compiled_programs = runner.compiled_programs
     timings["wait_for_device"] = runner.wait_seconds
     report.timings = {k: round(v, 4) for k, v in timings.items()}
@@ -968,6 +970,7 @@ def decode_corpus(codec, files: Sequence[InputFile], options: DecodeOptions, *,
         progress.close()
     report.wall_seconds = time.perf_counter() - t_start
     report.programs = len(runner.shapes)
+    report.batches = dict(runner.shapes)
     report.compiled_programs = runner.compiled_programs
     timings["wait_for_device"] = runner.wait_seconds
     report.timings = {k: round(v, 4) for k, v in timings.items()}
