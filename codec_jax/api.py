@@ -14,9 +14,11 @@ from typing import Any, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from codec_jax import checkpoint
 from codec_jax.config import SNACConfig, get_preset
+from codec_jax.errors import UsageError
 from codec_jax.nn.snac import SNAC, check_audio
 from codec_jax.nn.quantizer import QuantizerConfig
 
@@ -33,26 +35,40 @@ def _model(config: SNACConfig, dtype, quantizer: QuantizerConfig = FACTORIZED) -
 
 @functools.partial(jax.jit, static_argnames=("config", "dtype", "n_levels", "quantizer"))
 def encode(variables: Variables, audio: Array, *, config: SNACConfig, dtype: str = "float32",
-           n_levels: Optional[int] = None, quantizer: QuantizerConfig = FACTORIZED) -> list[Array]:
+           n_levels: Optional[int] = None, quantizer: QuantizerConfig = FACTORIZED,
+           lengths: Optional[Array] = None) -> list[Array]:
     """audio float `[batch, samples]` -> list of int32 `[batch, frames_level]`, coarse first.
 
-    `quantizer` must describe the codebooks in `variables` (EMA-trained codecs keep theirs
-    in the `codebook` collection)."""
-    return _model(config, dtype, quantizer).apply(variables, audio, n_levels=n_levels, method=SNAC.encode)
+    `lengths` int `[batch]` (traced: one compilation serves every mix of lengths): valid
+    samples per row; row `b`'s first `config.num_frames(lengths[b])[level]` codes equal
+    coding that row alone, later ones are 0. `quantizer` must describe the codebooks in
+    `variables` (EMA-trained codecs keep theirs in the `codebook` collection)."""
+    return _model(config, dtype, quantizer).apply(variables, audio, n_levels=n_levels,
+                                                  lengths=lengths, method=SNAC.encode)
 
 
 @functools.partial(jax.jit, static_argnames=("config", "dtype", "length", "quantizer"))
 def decode(variables: Variables, codes: Sequence[Array], *, config: SNACConfig,
            dtype: str = "float32", length: Optional[int] = None,
-           rng: Optional[jax.Array] = None, quantizer: QuantizerConfig = FACTORIZED) -> Array:
+           rng: Optional[jax.Array] = None, quantizer: QuantizerConfig = FACTORIZED,
+           lengths: Optional[Array] = None, frame_offsets: Optional[Array] = None) -> Array:
     """codes (all levels or a coarse-first prefix) -> float32 audio `[batch, samples]`.
 
-    `length` trims the right padding added at encode time. With `rng=None` the noise blocks
-    add nothing; with a key they sample Gaussian noise as SNAC does.
+    `length` trims the right padding added at encode time. `lengths` int `[batch]`: valid
+    samples per row; row `b` equals decoding its own codes alone, zero after `lengths[b]`.
+    With `rng=None` the noise blocks add nothing; with a key they add Gaussian noise as
+    SNAC does, drawn as a function of the key and the absolute latent frame, so a row's
+    noise does not depend on the batch; `frame_offsets` int `[batch]` (default 0) is the
+    absolute latent frame of each row's first frame (chunked decoding of a long file).
     """
-    rngs = None if rng is None else {"noise": rng}
-    return _model(config, dtype, quantizer).apply(variables, codes, length=length, rngs=rngs,
-                                       method=SNAC.decode).astype(jnp.float32)
+    rngs = None
+    if rng is not None:
+        rngs = {"noise": rng}
+        if frame_offsets is None:
+            frame_offsets = jnp.zeros((codes[0].shape[0],), jnp.int32)
+    return _model(config, dtype, quantizer).apply(
+        variables, codes, length=length, lengths=lengths, frame_offsets=frame_offsets,
+        rngs=rngs, method=SNAC.decode).astype(jnp.float32)
 
 
 @functools.partial(jax.jit, static_argnames=("config", "dtype"))
@@ -77,18 +93,57 @@ def init_variables(config: SNACConfig, rng: jax.Array | int = 0,
     return jax.device_put(variables, jax.devices()[0])
 
 
+# A second axis this short next to a long first one is a channel axis, not a batch of clips.
+MAX_CHANNELS_LOOKALIKE = 8
+
+
 def _as_audio(audio) -> jax.Array:
-    audio = jnp.asarray(audio)
-    if audio.ndim == 1:
-        raise ValueError(
-            f"audio must be [batch, samples]; got a 1-D array of {audio.shape[0]} samples "
-            "(use audio[None] for a single clip)"
+    """Validate `[batch, samples]` float audio; one clear error for any other layout."""
+    if not hasattr(audio, "shape") or not hasattr(audio, "dtype"):
+        audio = np.asarray(audio)
+    shape = tuple(audio.shape)
+    if len(shape) == 1:
+        raise UsageError(
+            f"audio must be [batch, samples] (mono clips as rows); got a 1-D array of {shape[0]} "
+            "samples: use audio[None] for one clip, or Codec.encode_many for a list of clips"
         )
-    check_audio(audio)
+    if len(shape) != 2:
+        raise UsageError(
+            f"audio must be [batch, samples] (mono clips as rows); got shape {shape}: "
+            "mix channels down (or code them as separate rows) first"
+        )
+    if shape[1] <= MAX_CHANNELS_LOOKALIKE < shape[0]:
+        raise UsageError(
+            f"audio of shape {shape} looks like [samples, channels] (soundfile's layout); "
+            "Codec.encode expects [batch, samples]: pass audio.T for channels as rows, "
+            "or audio.mean(axis=1)[None] to mix down to one clip"
+        )
+    try:
+        check_audio(audio)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    audio = jnp.asarray(audio)
     # Checked here, outside the jitted functions: NaN or inf would silently map to code 0.
     if not bool(jnp.all(jnp.isfinite(audio))):
-        raise ValueError("audio contains NaN or infinite samples")
+        raise UsageError("audio contains NaN or infinite samples")
     return audio.astype(jnp.float32)
+
+
+def _as_lengths(lengths, batch: int, samples: int) -> np.ndarray:
+    """int32 `[batch]` of valid samples per row, each in [1, samples]."""
+    values = np.asarray(lengths)
+    if values.shape != (batch,):
+        raise UsageError(f"lengths must be one int per row, shape ({batch},); got shape {values.shape}")
+    if values.size and not np.issubdtype(values.dtype, np.integer):
+        if not np.all(values == np.round(values)):
+            raise UsageError(f"lengths must be whole numbers of samples, got {values}")
+    values = values.astype(np.int64)
+    bad = (values < 1) | (values > samples)
+    if bad.any():
+        row = int(np.argmax(bad))
+        raise UsageError(f"lengths[{row}]={values[row]} is outside [1, {samples}] "
+                         f"(the rows have {samples} samples)")
+    return values.astype(np.int32)
 
 
 class Codec:
@@ -112,18 +167,113 @@ class Codec:
     def sample_rate(self) -> int:
         return self.config.sampling_rate
 
-    def encode(self, audio, n_levels: Optional[int] = None) -> list[Array]:
-        """float32 `[batch, samples]` (numpy or jax) -> list of int32 `[batch, frames_level]`."""
-        return encode(self.variables, _as_audio(audio), config=self.config, dtype=self.dtype,
-                      n_levels=n_levels, quantizer=self.quantizer)
+    def resampled_length(self, length: int, sample_rate: int) -> int:
+        """Samples at the model's rate that `length` samples at `sample_rate` become when
+        `encode(..., sample_rate=...)` resamples them (soxr's output length)."""
+        rate = self.sample_rate
+        return (2 * int(length) * rate + int(sample_rate)) // (2 * int(sample_rate))
 
-    def decode(self, codes: Sequence[Any], length: Optional[int] = None,
-               rng: Optional[jax.Array] = None) -> Array:
-        """codes -> float32 `[batch, samples]`; see `codec_jax.decode`."""
+    def encode(self, audio, *, lengths=None, sample_rate: Optional[int] = None,
+               n_levels: Optional[int] = None) -> list[Array]:
+        """Float audio `[batch, samples]` (numpy or jax) -> list per level (coarse first) of
+        int32 `[batch, frames_level]` for the padded batch.
+
+        `lengths` int `[batch]`: valid samples of each row (default: all). Row `b`'s valid
+        frames at level `l` are `config.num_frames(lengths[b])[l]` and equal coding
+        `audio[b, :lengths[b]]` alone (up to float near-ties); the frames after them are 0.
+        Without `lengths` every row is coded at the full width, as SNAC codes a batch.
+
+        `sample_rate`: the rate of `audio`; if it differs from the model's each row's valid
+        part is resampled with soxr (high quality) first, and the lengths that count are
+        `resampled_length(lengths[b], sample_rate)`. A `[samples, channels]`-looking array
+        (second axis <= 8, first longer), 1-D or 3-D input raise a `UsageError`.
+        """
+        audio = _as_audio(audio)
+        batch, samples = audio.shape
+        valid = None if lengths is None else _as_lengths(lengths, batch, samples)
+        if sample_rate is not None and int(sample_rate) != self.sample_rate:
+            audio, valid = self._resample(audio, valid, int(sample_rate))
+        return encode(self.variables, audio, config=self.config, dtype=self.dtype,
+                      n_levels=n_levels, quantizer=self.quantizer,
+                      lengths=None if valid is None else jnp.asarray(valid))
+
+    def _resample(self, audio: Array, valid: Optional[np.ndarray], sample_rate: int):
+        """Resample each row's valid part to the model rate -> (audio, lengths or None)."""
+        import soxr
+
+        if sample_rate <= 0:
+            raise UsageError(f"sample_rate must be positive, got {sample_rate}")
+        host = np.asarray(audio)
+        rows = host if valid is None else [row[:n] for row, n in zip(host, valid)]
+        out = [soxr.resample(row, sample_rate, self.sample_rate) for row in rows]
+        lengths = np.array([len(r) for r in out], np.int32)
+        padded = np.zeros((len(out), int(lengths.max())), np.float32)
+        for i, r in enumerate(out):
+            padded[i, : len(r)] = r
+        return jnp.asarray(padded), (None if valid is None else lengths)
+
+    def encode_many(self, clips: Sequence[Any], *, sample_rate: Optional[int] = None,
+                    n_levels: Optional[int] = None) -> list[list[np.ndarray]]:
+        """A list of 1-D float clips (any lengths) -> for each clip, a list per level of int32
+        `[frames_level]` (numpy), equal to coding each clip alone. The clips are zero-padded
+        into one batch (one compilation per padded width) and coded with `lengths=`."""
+        if isinstance(clips, (np.ndarray, jax.Array)) and np.ndim(clips) != 1:
+            clips = list(clips)
+        if len(clips) == 0:
+            raise UsageError("encode_many needs at least one clip")
+        rows = []
+        for i, clip in enumerate(clips):
+            clip = np.asarray(clip)
+            if clip.ndim != 1 or clip.size == 0:
+                raise UsageError(f"clips[{i}] must be a non-empty 1-D array of samples, "
+                                 f"got shape {clip.shape}")
+            if not np.issubdtype(clip.dtype, np.floating):
+                raise UsageError(f"clips[{i}] must be floating point in [-1, 1], got dtype {clip.dtype}")
+            if sample_rate is not None and int(sample_rate) != self.sample_rate:
+                import soxr
+
+                clip = soxr.resample(clip.astype(np.float32), int(sample_rate), self.sample_rate)
+            rows.append(clip.astype(np.float32))
+        lengths = np.array([len(r) for r in rows], np.int32)
+        batch = np.zeros((len(rows), self.config.padded_length(int(lengths.max()))), np.float32)
+        for i, r in enumerate(rows):
+            batch[i, : len(r)] = r
+        codes = [np.asarray(c) for c in self.encode(batch, lengths=lengths, n_levels=n_levels)]
+        return [[c[i, :f] for c, f in zip(codes, self.config.num_frames(int(n)))]
+                for i, n in enumerate(lengths)]
+
+    def decode(self, codes: Sequence[Any], *, lengths=None, length: Optional[int] = None,
+               rng: Optional[jax.Array] = None, frame_offsets=None) -> Array:
+        """codes (list per level, coarse first, of int `[batch, frames_level]`) -> float32
+        audio `[batch, samples]`.
+
+        `lengths` int `[batch]`: valid samples per row (as given to `encode`); row `b` then
+        equals decoding its own `config.num_frames(lengths[b])` codes alone with
+        `length=lengths[b]`, and is zero after `lengths[b]`; the output has `max(lengths)`
+        samples unless `length` says otherwise. `length` trims SNAC's right padding.
+        `rng`: a key to sample the decoder's noise (default: no noise); the noise is a
+        function of the key and the absolute position, the same for every row, so batched,
+        alone and chunked decodes agree. `frame_offsets` int `[batch]`: absolute latent frame
+        of each row's first frame (for chunks of a long file; default 0).
+        """
         codes = [jnp.asarray(c, jnp.int32) for c in codes]
         self._check_codes(codes)
+        valid = None
+        if lengths is not None:
+            frames = codes[0].shape[1] * self.config.vq_strides[0]
+            valid = _as_lengths(lengths, codes[0].shape[0], frames * self.config.hop_length)
+            need = max(self.config.num_frames(int(n))[0] for n in valid)
+            if need > codes[0].shape[1]:
+                raise UsageError(f"lengths up to {int(valid.max())} samples need {need} level-0 "
+                                 f"frames; the codes have {codes[0].shape[1]}")
+            if length is None:
+                length = int(valid.max())
+            valid = jnp.asarray(valid)
+        if frame_offsets is not None:
+            frame_offsets = jnp.broadcast_to(jnp.asarray(frame_offsets, jnp.int32), codes[0].shape[:1])
         return decode(self.variables, codes, config=self.config, dtype=self.dtype,
-                      length=length, rng=rng, quantizer=self.quantizer)
+                      length=length, rng=rng, quantizer=self.quantizer, lengths=valid,
+                      frame_offsets=frame_offsets)
 
     def _check_codes(self, codes: Sequence[Array]) -> None:
         c = self.config

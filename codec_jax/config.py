@@ -98,6 +98,14 @@ class SNACConfig:
         latent_frames = self.padded_length(num_samples) // self.hop_length
         return [latent_frames // s for s in self.vq_strides]
 
+    def num_frames(self, length: int) -> tuple[int, ...]:
+        """Code frames per level (coarse first) that encoding a clip of `length` samples gives:
+        SNAC pads it on the right to a multiple of `pad_multiple`. In a batch coded with
+        `lengths=`, row `b`'s valid frames at level `l` are `num_frames(lengths[b])[l]`."""
+        if int(length) < 1:
+            raise ValueError(f"a clip needs at least one sample, got length={length}")
+        return tuple(self.frames_per_level(int(length)))
+
     def bitrate(self, n_levels: Optional[int] = None) -> float:
         """Bits per second carried by the first `n_levels` levels (all by default)."""
         n_levels = self.n_levels if n_levels is None else n_levels

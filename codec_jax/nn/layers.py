@@ -10,7 +10,7 @@ optimisation geometry as the reference. Parameters are stored in `param_dtype`
 from __future__ import annotations
 
 import math
-from typing import Any, Sequence
+from typing import Any, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -20,8 +20,12 @@ Dtype = Any
 Array = jax.Array
 
 
-def _torch_uniform_init(fan_in: int):
-    """PyTorch's default Conv/Linear init: U(-1/sqrt(fan_in), 1/sqrt(fan_in))."""
+def torch_uniform_init(fan_in: int):
+    """PyTorch's default Conv/Linear init: U(-1/sqrt(fan_in), 1/sqrt(fan_in)).
+
+    Every layer of the codec and the discriminators starts from it (the references never
+    override it, and weight norm makes the initial scale part of the parametrisation).
+    """
     bound = 1.0 / math.sqrt(max(fan_in, 1))
 
     def init(key, shape, dtype=jnp.float32):
@@ -40,6 +44,48 @@ def weight_norm(direction: Array, magnitude: Array, norm_axes: Sequence[int], ma
     shape = [1] * direction.ndim
     shape[mag_axis] = -1
     return direction * (magnitude.astype(jnp.float32).reshape(shape) / norm)
+
+
+def weight_normed_kernel(module: nn.Module, shape: Sequence[int], fan_in: int,
+                         norm_axes: Sequence[int], mag_axis: int,
+                         param_dtype: Dtype = jnp.float32) -> Array:
+    """Create `direction` (`shape`, torch init) and `magnitude` (`[shape[mag_axis]]`, initialised
+    to the direction's norm as `torch.nn.utils.weight_norm` does) in `module`'s scope and
+    return the float32 kernel `magnitude * direction / ||direction||`.
+
+    Call it from inside a compact `__call__`. The one place where weight norm's parameters
+    are defined, for the 1-D, transposed and 2-D convolutions alike.
+    """
+    direction = module.param("direction", torch_uniform_init(fan_in), tuple(shape), param_dtype)
+    magnitude = module.param(
+        "magnitude",
+        lambda _key: jnp.sqrt(jnp.sum(jnp.square(direction.astype(jnp.float32)),
+                                      axis=tuple(norm_axes))).astype(param_dtype),
+    )
+    return weight_norm(direction, magnitude, norm_axes=norm_axes, mag_axis=mag_axis)
+
+
+def time_mask(valid: Optional[Array], time: int, dtype: Dtype) -> Optional[Array]:
+    """`[batch, time, 1]` of ones on each item's first `valid[b]` steps, zeros after; None
+    when `valid` is None (no masking: every row is fully valid).
+
+    Multiplying an activation by it before a layer that mixes time steps makes that layer
+    see zeros beyond the item's end, which is exactly what the item's own zero padding
+    shows it when it is coded alone.
+    """
+    if valid is None:
+        return None
+    return (jnp.arange(time)[None, :] < valid[:, None])[..., None].astype(dtype)
+
+
+def apply_mask(x: Array, valid: Optional[Array]) -> Array:
+    """x `[batch, time, channels]` with the steps at and beyond `valid[b]` zeroed (no-op for None).
+
+    A select rather than a multiply, so that whatever the padding holds (even inf/NaN)
+    cannot leak into the valid steps; XLA fuses it into the neighbouring elementwise ops.
+    """
+    mask = time_mask(valid, x.shape[1], jnp.bool_)
+    return x if mask is None else jnp.where(mask, x, jnp.zeros((), x.dtype))
 
 
 class WNConv1d(nn.Module):
@@ -71,17 +117,9 @@ class WNConv1d(nn.Module):
                 f"not divisible by groups={self.groups}"
             )
         fan_in = in_features // self.groups * self.kernel_size
-        direction = self.param(
-            "direction",
-            _torch_uniform_init(fan_in),
-            (self.kernel_size, in_features // self.groups, self.features),
-            self.param_dtype,
-        )
-        magnitude = self.param(
-            "magnitude",
-            lambda _key: jnp.sqrt(jnp.sum(jnp.square(direction), axis=(0, 1))).astype(self.param_dtype),
-        )
-        kernel = weight_norm(direction, magnitude, norm_axes=(0, 1), mag_axis=2).astype(self.dtype)
+        kernel = weight_normed_kernel(
+            self, (self.kernel_size, in_features // self.groups, self.features), fan_in,
+            norm_axes=(0, 1), mag_axis=2, param_dtype=self.param_dtype).astype(self.dtype)
         if self.groups == in_features == self.features and self.stride == 1:
             y = _depthwise_conv(x.astype(self.dtype), kernel[:, 0, :], self.padding, self.dilation)
         else:
@@ -96,7 +134,7 @@ class WNConv1d(nn.Module):
                 precision=self.precision,
             )
         if self.use_bias:
-            bias = self.param("bias", _torch_uniform_init(fan_in), (self.features,), self.param_dtype)
+            bias = self.param("bias", torch_uniform_init(fan_in), (self.features,), self.param_dtype)
             y = y + bias.astype(self.dtype)
         return y
 
@@ -146,17 +184,9 @@ class WNConvTranspose1d(nn.Module):
             raise ValueError(f"{self.name}: channels not divisible by groups={g}")
         # PyTorch computes fan_in of a transposed conv from weight.size(1) * kernel.
         fan_in = self.features // g * self.kernel_size
-        direction = self.param(
-            "direction",
-            _torch_uniform_init(fan_in),
-            (self.kernel_size, in_features, self.features // g),
-            self.param_dtype,
-        )
-        magnitude = self.param(
-            "magnitude",
-            lambda _key: jnp.sqrt(jnp.sum(jnp.square(direction), axis=(0, 2))).astype(self.param_dtype),
-        )
-        w = weight_norm(direction, magnitude, norm_axes=(0, 2), mag_axis=1)  # [k, in, out/g]
+        w = weight_normed_kernel(self, (self.kernel_size, in_features, self.features // g), fan_in,
+                                 norm_axes=(0, 2), mag_axis=1,
+                                 param_dtype=self.param_dtype)  # [k, in, out/g]
         # A transposed conv is a conv over the stride-dilated input with the kernel flipped in
         # time and in/out swapped per group: kernel[k', i, g*out_g + j] = w[K-1-k', g*in_g + i, j].
         k = self.kernel_size
@@ -176,7 +206,7 @@ class WNConvTranspose1d(nn.Module):
             precision=self.precision,
         )
         if self.use_bias:
-            bias = self.param("bias", _torch_uniform_init(fan_in), (self.features,), self.param_dtype)
+            bias = self.param("bias", torch_uniform_init(fan_in), (self.features,), self.param_dtype)
             y = y + bias.astype(self.dtype)
         return y
 
@@ -207,11 +237,14 @@ class ResidualUnit(nn.Module):
     precision: Any = None
 
     @nn.compact
-    def __call__(self, x: Array) -> Array:
+    def __call__(self, x: Array, valid: Optional[Array] = None) -> Array:
+        """x `[batch, time, dim]`; `valid` int `[batch]`: steps of each row that hold signal
+        (the dilated conv sees zeros beyond them, as in the row's own padding); None: all."""
         dim = x.shape[-1]
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype, precision=self.precision)
         pad = (self.kernel_size - 1) * self.dilation // 2
-        y = Snake(self.dtype, self.param_dtype, name="snake_1")(x)
+        # Snake(0) = 0, so masking its input is masking the conv's input (and fuses with it).
+        y = Snake(self.dtype, self.param_dtype, name="snake_1")(apply_mask(x, valid))
         y = WNConv1d(dim, self.kernel_size, dilation=self.dilation, padding=pad, groups=self.groups,
                      name="conv_dilated", **kw)(y)
         y = Snake(self.dtype, self.param_dtype, name="snake_2")(y)
@@ -233,11 +266,13 @@ class EncoderBlock(nn.Module):
     precision: Any = None
 
     @nn.compact
-    def __call__(self, x: Array) -> Array:
+    def __call__(self, x: Array, valid: Optional[Array] = None) -> Array:
+        """x `[batch, time, in]` -> `[batch, time // stride, features]`; `valid` `[batch]`
+        counts each row's valid input steps (None: all), see `ResidualUnit`."""
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype, precision=self.precision)
         for i, dilation in enumerate((1, 3, 9)):
-            x = ResidualUnit(dilation, groups=self.groups, name=f"res_unit_{i}", **kw)(x)
-        x = Snake(self.dtype, self.param_dtype, name="snake")(x)
+            x = ResidualUnit(dilation, groups=self.groups, name=f"res_unit_{i}", **kw)(x, valid)
+        x = Snake(self.dtype, self.param_dtype, name="snake")(apply_mask(x, valid))
         return WNConv1d(self.features, 2 * self.stride, stride=self.stride,
                         padding=math.ceil(self.stride / 2), name="conv_down", **kw)(x)
 
@@ -247,22 +282,50 @@ class NoiseBlock(nn.Module):
 
     Noise is drawn from the `noise` rng stream; without that stream the block is the identity,
     which makes decoding deterministic unless the caller asks for noise.
+
+    With `frame_offsets` (int `[batch]`, the absolute latent frame at which each row starts)
+    the noise is a function of the rng and the absolute position only: step `t` of row `b`
+    lies in latent frame `f = frame_offsets[b] + t // steps_per_frame`, and each frame's
+    `steps_per_frame` values come from `fold_in(key, f)`. A clip then gets the same noise
+    whether it is decoded alone, inside a batch, or as chunks of a longer file. Without
+    offsets (training) every row draws independent noise, as `torch.randn((B, 1, T))` does.
     """
 
+    steps_per_frame: int = 1
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
     precision: Any = None
 
     @nn.compact
-    def __call__(self, x: Array) -> Array:
+    def __call__(self, x: Array, frame_offsets: Optional[Array] = None) -> Array:
         linear = WNConv1d(x.shape[-1], 1, use_bias=False, dtype=self.dtype,
                           param_dtype=self.param_dtype, precision=self.precision, name="linear")
         if self.is_initializing():
             linear(x)  # create the parameters even though init has no noise rng
         if not self.has_rng("noise"):
             return x
-        noise = jax.random.normal(self.make_rng("noise"), x.shape[:2] + (1,), jnp.float32)
+        key = self.make_rng("noise")
+        if frame_offsets is None:
+            noise = jax.random.normal(key, x.shape[:2] + (1,), jnp.float32)
+        else:
+            noise = positional_noise(key, frame_offsets, x.shape[1], self.steps_per_frame)[..., None]
         return x + noise.astype(self.dtype) * linear(x)
+
+
+def positional_noise(key: Array, frame_offsets: Array, time: int, steps_per_frame: int) -> Array:
+    """float32 `[batch, time]` of N(0, 1) noise that depends only on `key` and the absolute
+    position: row `b`, step `t` is value `t % steps_per_frame` of
+    `normal(fold_in(key, frame_offsets[b] + t // steps_per_frame), [steps_per_frame])`.
+    `time` must be a multiple of `steps_per_frame`."""
+    if time % steps_per_frame:
+        raise ValueError(f"time={time} is not a multiple of steps_per_frame={steps_per_frame}")
+    frames = jnp.asarray(frame_offsets, jnp.int32)[:, None] + jnp.arange(time // steps_per_frame)
+
+    def frame_noise(frame):
+        return jax.random.normal(jax.random.fold_in(key, frame), (steps_per_frame,), jnp.float32)
+
+    noise = jax.vmap(jax.vmap(frame_noise))(frames)  # [batch, frames, steps_per_frame]
+    return noise.reshape(noise.shape[0], time)
 
 
 class DecoderBlock(nn.Module):
@@ -276,17 +339,25 @@ class DecoderBlock(nn.Module):
     param_dtype: Dtype = jnp.float32
     precision: Any = None
 
+    # Output steps per latent frame (the product of this and the earlier blocks' strides);
+    # places the noise on the absolute latent-frame grid (see `NoiseBlock`).
+    steps_per_frame: int = 1
+
     @nn.compact
-    def __call__(self, x: Array) -> Array:
+    def __call__(self, x: Array, valid: Optional[Array] = None,
+                 frame_offsets: Optional[Array] = None) -> Array:
+        """x `[batch, time, in]` -> `[batch, time * stride, features]`. `valid` `[batch]`:
+        valid input steps per row (None: all); `frame_offsets`: see `NoiseBlock`."""
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype, precision=self.precision)
-        x = Snake(self.dtype, self.param_dtype, name="snake")(x)
+        x = Snake(self.dtype, self.param_dtype, name="snake")(apply_mask(x, valid))
         x = WNConvTranspose1d(self.features, 2 * self.stride, stride=self.stride,
                               padding=math.ceil(self.stride / 2), output_padding=self.stride % 2,
                               name="conv_up", **kw)(x)
+        valid = None if valid is None else valid * self.stride
         if self.noise:
-            x = NoiseBlock(name="noise", **kw)(x)
+            x = NoiseBlock(self.steps_per_frame, name="noise", **kw)(x, frame_offsets)
         for i, dilation in enumerate((1, 3, 9)):
-            x = ResidualUnit(dilation, groups=self.groups, name=f"res_unit_{i}", **kw)(x)
+            x = ResidualUnit(dilation, groups=self.groups, name=f"res_unit_{i}", **kw)(x, valid)
         return x
 
 

@@ -2,6 +2,12 @@
 
 All activations are channels-last. Audio enters as `[batch, samples]` (mono) and is
 right-padded to `SNACConfig.pad_multiple` exactly as SNAC's `preprocess` does.
+
+Rows of different lengths in one zero-padded batch: given each row's valid samples, the
+encoder and decoder zero every activation beyond the row's (padded) end, at each layer's
+time resolution, before each layer that mixes time steps. A row then sees what it would
+see coded alone (its own zero padding), so its codes and audio do not depend on the batch.
+Without lengths no mask is built and the graph is unchanged.
 """
 
 from __future__ import annotations
@@ -13,7 +19,7 @@ import jax.numpy as jnp
 from flax import linen as nn
 
 from codec_jax.config import SNACConfig
-from codec_jax.nn.layers import DecoderBlock, EncoderBlock, LocalMHA, Snake, WNConv1d
+from codec_jax.nn.layers import DecoderBlock, EncoderBlock, LocalMHA, Snake, WNConv1d, apply_mask
 from codec_jax.nn.quantizer import QuantizerConfig, ResidualVQ
 
 Array = jax.Array
@@ -29,7 +35,9 @@ class Encoder(nn.Module):
     precision: Any = None
 
     @nn.compact
-    def __call__(self, x: Array) -> Array:
+    def __call__(self, x: Array, valid: Optional[Array] = None) -> Array:
+        """`valid` int `[batch]`: each row's padded length in samples (a multiple of
+        `config.pad_multiple`; its samples beyond the real clip must be zero), or None."""
         c = self.config
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype, precision=self.precision)
         d = c.encoder_dim
@@ -37,10 +45,13 @@ class Encoder(nn.Module):
         for i, stride in enumerate(c.encoder_rates):
             d *= 2
             groups = d // 2 if c.depthwise else 1
-            x = EncoderBlock(d, stride, groups=groups, name=f"block_{i}", **kw)(x)
+            x = EncoderBlock(d, stride, groups=groups, name=f"block_{i}", **kw)(x, valid)
+            valid = None if valid is None else valid // stride
         if c.attn_window_size is not None:
+            # Windows never straddle a row's end (valid frames are a multiple of the window).
             x = LocalMHA(c.attn_window_size, name="attention", **kw)(x)
-        return WNConv1d(d, 7, padding=3, groups=d if c.depthwise else 1, name="conv_out", **kw)(x)
+        return WNConv1d(d, 7, padding=3, groups=d if c.depthwise else 1, name="conv_out",
+                        **kw)(apply_mask(x, valid))
 
 
 class Decoder(nn.Module):
@@ -52,10 +63,15 @@ class Decoder(nn.Module):
     precision: Any = None
 
     @nn.compact
-    def __call__(self, x: Array) -> Array:
+    def __call__(self, x: Array, valid: Optional[Array] = None,
+                 frame_offsets: Optional[Array] = None) -> Array:
+        """`valid` int `[batch]`: each row's latent frames (None: all); `frame_offsets` int
+        `[batch]`: absolute latent frame of each row's first frame, which places the noise
+        (see `NoiseBlock`; None: independent noise per row)."""
         c = self.config
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype, precision=self.precision)
         latent = x.shape[-1]
+        x = apply_mask(x, valid)
         if c.depthwise:
             x = WNConv1d(latent, 7, padding=3, groups=latent, name="conv_in_depthwise", **kw)(x)
             x = WNConv1d(c.decoder_dim, 1, name="conv_in_pointwise", **kw)(x)
@@ -64,11 +80,16 @@ class Decoder(nn.Module):
         if c.attn_window_size is not None:
             x = LocalMHA(c.attn_window_size, name="attention", **kw)(x)
         out_dim = c.decoder_dim
+        steps_per_frame = 1
         for i, stride in enumerate(c.decoder_rates):
             out_dim = c.decoder_dim // 2 ** (i + 1)
             groups = out_dim if c.depthwise else 1
-            x = DecoderBlock(out_dim, stride, noise=c.noise, groups=groups, name=f"block_{i}", **kw)(x)
-        x = Snake(self.dtype, self.param_dtype, name="snake_out")(x)
+            steps_per_frame *= stride
+            x = DecoderBlock(out_dim, stride, noise=c.noise, groups=groups,
+                             steps_per_frame=steps_per_frame, name=f"block_{i}",
+                             **kw)(x, valid, frame_offsets)
+            valid = None if valid is None else valid * stride
+        x = Snake(self.dtype, self.param_dtype, name="snake_out")(apply_mask(x, valid))
         x = WNConv1d(1, 7, padding=3, name="conv_out", **kw)(x)
         return jnp.tanh(x.astype(jnp.float32))
 
@@ -115,11 +136,21 @@ class SNAC(nn.Module):
                               config=self.quantizer, name="quantizer", **kw)
         self.decoder = Decoder(c, **kw)
 
-    def encode_latents(self, audio: Array) -> Array:
-        """audio `[batch, samples]` -> latents `[batch, padded_samples // hop, latent_channels]`."""
+    def encode_latents(self, audio: Array, lengths: Optional[Array] = None) -> Array:
+        """audio `[batch, samples]` -> latents `[batch, padded_samples // hop, latent_channels]`.
+
+        `lengths` int `[batch]`: valid samples per row (None: all). Row `b`'s first
+        `config.padded_length(lengths[b]) // hop` latent frames then equal encoding
+        `audio[b, :lengths[b]]` alone; the frames after them are undefined.
+        """
         check_audio(audio)
-        x = pad_audio(audio, self.config)[..., None]
-        return self.encoder(x)
+        x = pad_audio(audio, self.config)
+        valid = None
+        if lengths is not None:
+            lengths = jnp.asarray(lengths, jnp.int32)
+            x = apply_mask(x[..., None], lengths)[..., 0]  # zeros after each clip, as its padding
+            valid = padded_lengths(lengths, self.config)
+        return self.encoder(x[..., None], valid)
 
     def __call__(self, audio: Array, *, train: bool = False,
                  n_levels: Optional[int] = None) -> dict[str, Any]:
@@ -139,14 +170,44 @@ class SNAC(nn.Module):
         audio_hat = self.decoder(q["z_q"])[..., 0]
         return dict(q, audio=audio_hat[:, :length], latents=z)
 
-    def encode(self, audio: Array, n_levels: Optional[int] = None) -> list[Array]:
-        """audio `[batch, samples]` -> codes: int32 `[batch, frames_level]` per level, coarse first."""
-        return self.rvq(self.encode_latents(audio), n_levels=n_levels)["codes"]
+    def encode(self, audio: Array, n_levels: Optional[int] = None,
+               lengths: Optional[Array] = None) -> list[Array]:
+        """audio `[batch, samples]` -> codes: int32 `[batch, frames_level]` per level, coarse first.
 
-    def decode(self, codes: Sequence[Array], length: Optional[int] = None) -> Array:
+        `lengths` int `[batch]`: valid samples per row. Row `b`'s first
+        `config.num_frames(lengths[b])[level]` codes equal coding the row alone; later
+        frames are set to code 0.
+        """
+        codes = self.rvq(self.encode_latents(audio, lengths), n_levels=n_levels)["codes"]
+        if lengths is None:
+            return codes
+        latent_frames = padded_lengths(jnp.asarray(lengths, jnp.int32), self.config) // self.config.hop_length
+        return [apply_mask(c[..., None], latent_frames // s)[..., 0]
+                for c, s in zip(codes, self.config.vq_strides)]
+
+    def decode(self, codes: Sequence[Array], length: Optional[int] = None,
+               lengths: Optional[Array] = None, frame_offsets: Optional[Array] = None) -> Array:
         """codes (all levels or a coarse-first prefix) -> audio `[batch, samples]`.
 
-        `length` trims SNAC's right padding; noise is sampled only if a `noise` rng is given.
+        `length` trims SNAC's right padding. `lengths` int `[batch]`: valid samples per row;
+        row `b` then equals decoding its own `config.num_frames(lengths[b])` codes alone, and
+        its samples from `lengths[b]` on are zero. Noise is sampled only if a `noise` rng is
+        given; `frame_offsets` int `[batch]` (absolute latent frame of each row's first frame)
+        makes it a function of absolute position (see `NoiseBlock`).
         """
-        audio = self.decoder(self.rvq.decode(codes))[..., 0]
+        valid = None
+        if lengths is not None:
+            lengths = jnp.asarray(lengths, jnp.int32)
+            valid = padded_lengths(lengths, self.config) // self.config.hop_length
+        if frame_offsets is not None:
+            frame_offsets = jnp.broadcast_to(jnp.asarray(frame_offsets, jnp.int32), codes[0].shape[:1])
+        audio = self.decoder(self.rvq.decode(codes), valid, frame_offsets)[..., 0]
+        if lengths is not None:
+            audio = apply_mask(audio[..., None], lengths)[..., 0]
         return audio if length is None else audio[:, :length]
+
+
+def padded_lengths(lengths: Array, config: SNACConfig) -> Array:
+    """int `[batch]` valid samples -> each clip's length after SNAC's right padding."""
+    m = config.pad_multiple
+    return (lengths + m - 1) // m * m
