@@ -167,6 +167,9 @@ def main(argv=None):
     p.add_argument("--workers", type=int, default=min(os.cpu_count() or 1, 8))
     p.add_argument("--format", default="files", choices=["files", "shards"])
     p.add_argument("--no-reference", action="store_true")
+    p.add_argument("--reference-limit", type=int, default=None,
+                   help="the reference codes only this many of the files (spread evenly); "
+                        "ratios compare x real time")
     p.add_argument("--out", default=None, help="JSON results")
     p.add_argument("--workdir", default=None, help="where outputs go (default: a temp dir)")
     args = p.parse_args(argv)
@@ -217,13 +220,17 @@ def main(argv=None):
             f"{cold.compiled_programs} programs); device busy {compute / warm.wall_seconds:.0%}")
     print(line)
     if not args.no_reference:
-        ref, ref_codes = run_reference(model_dir, files, os.path.join(work, "reference"),
+        ref_files = files
+        if args.reference_limit and len(files) > args.reference_limit:
+            step = len(files) / args.reference_limit
+            ref_files = [files[int(i * step)] for i in range(args.reference_limit)]
+        ref, ref_codes = run_reference(model_dir, ref_files, os.path.join(work, "reference"),
                                        args.dtype, device)
         result["reference"] = ref
         result["ratio_warm"] = warm.x_real_time / ref["x_real_time"]
         result["ratio_cold"] = cold.x_real_time / ref["x_real_time"]
         same = total = 0
-        for item in files[:50]:
+        for item in ref_files[:50]:
             if item.relpath not in ref_codes:
                 continue
             ours = codec_jax.load_codes(corpus.codes_path(options.output_dir, item.relpath)) \

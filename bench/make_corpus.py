@@ -3,6 +3,11 @@
     python bench/make_corpus.py OUT --speech /usr/share/klettres --speech-files 800 \
         --music /usr/share/games/wesnoth/1.16/data/core/music --music-pieces 200
 
+The folder bench/device_corpus.sh carries to the GPU machine (25 MB):
+
+    python bench/make_corpus.py .corpus_src --speech-files 700 \
+        --copy-music elvish-theme.ogg love_theme.ogg loyalists.ogg
+
 Speech: the klettres .ogg files (spoken letters and syllables, 0.3-3 s), copied as they are.
 Music: the Wesnoth tracks cut with soundfile into pieces of 5-60 s (uniformly drawn, seeded),
 written as Ogg Vorbis at the tracks' own rate and channel count, so the job decodes,
@@ -37,6 +42,9 @@ def main(argv=None):
     p.add_argument("--min-seconds", type=float, default=5.0)
     p.add_argument("--max-seconds", type=float, default=60.0)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--copy-music", nargs="*", default=None, metavar="TRACK",
+                   help="copy these music tracks uncut instead of cutting pieces (to make the "
+                        "small source folder bench/device_corpus.sh carries)")
     args = p.parse_args(argv)
     rng = random.Random(args.seed)
 
@@ -50,6 +58,10 @@ def main(argv=None):
     tracks = _audio_files(args.music) if args.music_pieces else []
     pieces = 0
     os.makedirs(os.path.join(args.out, "music"), exist_ok=True)
+    if args.copy_music is not None:
+        for name in args.copy_music:
+            shutil.copyfile(os.path.join(args.music, name), os.path.join(args.out, "music", name))
+        tracks = []
     while pieces < args.music_pieces and tracks:
         for track in tracks:
             if pieces >= args.music_pieces:
@@ -60,8 +72,11 @@ def main(argv=None):
             start = rng.randrange(0, max(1, info.frames - frames))
             data, sr = sf.read(track, start=start, frames=frames, dtype="float32", always_2d=True)
             name = os.path.splitext(os.path.basename(track))[0]
-            sf.write(os.path.join(args.out, "music", f"{pieces:05d}_{name}.ogg"), data, sr,
-                     format="OGG", subtype="VORBIS")
+            target = os.path.join(args.out, "music", f"{pieces:05d}_{name}.ogg")
+            # libsndfile's Vorbis encoder crashes on one large write; feed it blocks.
+            with sf.SoundFile(target, "w", sr, data.shape[1], format="OGG", subtype="VORBIS") as f:
+                for i in range(0, len(data), 8192):
+                    f.write(data[i:i + 8192])
             pieces += 1
     n = len(os.listdir(os.path.join(args.out, "speech"))) + pieces
     print(f"{args.out}: {min(len(speech), args.speech_files)} speech files, {pieces} music pieces "

@@ -170,7 +170,7 @@ class BucketPlan:
 
     def segments(self, length: int) -> list[Segment]:
         """How a stream of `length` samples is cut into batch items."""
-        frames = _num_frames(self.config, length)
+        frames = self.config.num_frames(length)
         if length <= self.window:
             return [Segment(0, length, tuple((0, f) for f in frames), (0,) * len(frames))]
         frame_samples = [self.config.hop_length * s for s in self.config.vq_strides]
@@ -182,7 +182,7 @@ class BucketPlan:
             keep_from = 0 if start == 0 else start + self.margin
             keep_to = length if last else start + self.window - self.margin
             seg_len = min(self.window, length - start)
-            local = _num_frames(self.config, seg_len)
+            local = self.config.num_frames(seg_len)
             keep, offset = [], []
             for fs, n_local, n_total in zip(frame_samples, local, frames):
                 a = (keep_from - start) // fs
@@ -198,11 +198,6 @@ class BucketPlan:
     def describe(self) -> str:
         sr = self.config.sampling_rate
         return ", ".join(f"{b / sr:.2f} s x {self.batch_sizes[b]}" for b in self.lengths)
-
-
-def _num_frames(config, length: int) -> list[int]:
-    return list(config.num_frames(length)) if hasattr(config, "num_frames") else \
-        config.frames_per_level(length)
 
 
 def _receptive_margin(config) -> int:
@@ -351,20 +346,15 @@ def _jitted(kind: str, config, dtype: str, quantizer) -> Callable:
     `[batch, frames]`; decode: (variables, codes per level, lengths) -> float32 audio
     `[batch, samples]`.
     """
-    import inspect
-
     import jax
 
     from codec_jax import api
 
-    kw = dict(config=config, dtype=dtype, quantizer=quantizer)
     target = api.encode if kind == "encode" else api.decode
-    takes_lengths = "lengths" in inspect.signature(target).parameters
+    kw = dict(config=config, dtype=dtype, quantizer=quantizer)
 
     def fn(variables, x, lengths):
-        if takes_lengths:
-            return target(variables, x, lengths=lengths, **kw)
-        return target(variables, x, **kw)
+        return target(variables, x, lengths=lengths, **kw)
 
     return jax.jit(fn)
 
@@ -763,7 +753,7 @@ def encode_corpus(codec, model_name: str, files: Sequence[InputFile], options: E
                 t_wait = time.perf_counter()
                 continue
             channels, length = dec.audio.shape
-            frames = _num_frames(config, length)
+            frames = config.num_frames(length)
             segs = plan.segments(length)
             st = _FileState(item, dec.original_sample_rate, channels, length,
                             [np.zeros((channels, f), np.int32) for f in frames],
@@ -924,7 +914,7 @@ def decode_corpus(codec, files: Sequence[InputFile], options: DecodeOptions, *,
                 src = states[idx]["codes"]
                 for level, fs in enumerate(frame_samples):
                     first = seg.start // fs
-                    n = _num_frames(config, seg.length)[level]
+                    n = config.num_frames(seg.length)[level]
                     codes[level][row, :n] = src[level][ch, first:first + n]
                 lengths[row] = seg.length
             collect(runner.submit(batch, codes, lengths))
@@ -944,7 +934,7 @@ def decode_corpus(codec, files: Sequence[InputFile], options: DecodeOptions, *,
                     raise cf.ModelMismatchError(
                         f"{item.path}: made by a model of another architecture "
                         f"({c.model_name!r}); it cannot be decoded with this one")
-                if c.frames != _num_frames(config, c.length):
+                if c.frames != list(config.num_frames(c.length)):
                     raise cf.CorruptCodesError(
                         f"{item.path}: {c.frames} frames do not match length {c.length}")
             except cf.CodesFileError as e:

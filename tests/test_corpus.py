@@ -134,7 +134,7 @@ def test_windows_tile_every_frame_once_and_keep_away_from_edges(preset):
     frame_samples = [config.hop_length * s for s in config.vq_strides]
     for length in (1, config.pad_multiple, plan.window, plan.window + 1, 5 * plan.window + 123):
         segs = plan.segments(length)
-        total = corpus._num_frames(config, length)
+        total = config.num_frames(length)
         for level, n in enumerate(total):
             covered = np.zeros(n, int)
             for seg in segs:
