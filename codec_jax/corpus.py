@@ -117,9 +117,11 @@ def process_share(items: Sequence[Any], process_index: int, process_count: int) 
 class Segment:
     """A piece of one stream that is coded as one batch item.
 
-    `start`/`length`: samples of the stream it covers (length <= its bucket length);
-    `keep[l]`: the `(first, end)` frames of level l of this piece's codes that the stream
-    keeps; `offset[l]`: where those frames go in the stream's codes.
+    `start`/`length`: samples of the stream it covers (the row's valid length, at most its
+    bucket length). Encode: `keep[l]` is the `(first, end)` frames of level l of this
+    piece's codes that the stream keeps and `offset[l]` where they go in the stream's codes.
+    Decode: `keep[0]` is the `(first, end)` samples of this piece's audio that the stream
+    keeps and `offset[0]` where they go.
     """
 
     start: int
@@ -131,27 +133,29 @@ class Segment:
 class BucketPlan:
     """The fixed set of padded clip lengths and each one's batch size.
 
-    Lengths halve from `window_seconds` down (`n_buckets` of them, multiples of the model's
-    padding unit); each bucket's batch holds the same amount of audio as `batch_size`
-    clips of the longest one, rounded up to a multiple of the device count. Streams longer
-    than the longest bucket are coded as overlapping windows of that length, aligned to the
-    model's stride grid, each keeping only frames that do not see its edges.
+    Lengths halve from the window (`window_seconds` rounded down to the model's alignment
+    grid; `n_buckets` of them, multiples of the padding unit); each bucket's batch holds
+    the same amount of audio as `batch_size` clips of the longest one, rounded up to a
+    multiple of the device count. Streams longer than the window are cut by
+    `codec_jax.chunking` into overlapping windows on the stride/attention grid whose kept
+    parts equal whole-file coding; those all go to the longest bucket.
     """
 
     def __init__(self, config, *, window_seconds: float, n_buckets: int, batch_size: int,
-                 n_devices: int = 1, margin_samples: Optional[int] = None):
+                 n_devices: int = 1, kind: str = "encode"):
+        from codec_jax import chunking
+
         if window_seconds <= 0 or n_buckets < 1 or batch_size < 1:
             raise UsageError("--window-seconds, --buckets and --batch-size must be positive")
-        self.config = config
+        self.config, self.kind, self.window_seconds = config, kind, window_seconds
         unit = config.pad_multiple
-        window = max(unit, math.ceil(window_seconds * config.sampling_rate / unit) * unit)
-        margin = _receptive_margin(config) if margin_samples is None else margin_samples
-        self.margin = math.ceil(margin / unit) * unit
-        if window <= 2 * self.margin:
-            raise UsageError(
-                f"--window-seconds {window_seconds} is too short for this model: windows "
-                f"overlap by {self.margin / config.sampling_rate:.2f} s on each side; use at "
-                f"least {3 * self.margin / config.sampling_rate:.2f} s")
+        try:
+            if kind == "encode":
+                window = chunking.window_samples(config, window_seconds)
+            else:
+                window = chunking.window_frames(config, window_seconds) * config.hop_length
+        except UsageError as e:
+            raise UsageError(f"--window-seconds: {e}") from None
         lengths = sorted({max(unit, math.ceil(window / 2 ** k / unit) * unit)
                           for k in range(n_buckets)})
         self.lengths: list[int] = lengths
@@ -169,48 +173,31 @@ class BucketPlan:
         raise ValueError(f"segment of {length} samples exceeds the window {self.window}")
 
     def segments(self, length: int) -> list[Segment]:
-        """How a stream of `length` samples is cut into batch items."""
-        frames = self.config.num_frames(length)
-        if length <= self.window:
-            return [Segment(0, length, tuple((0, f) for f in frames), (0,) * len(frames))]
-        frame_samples = [self.config.hop_length * s for s in self.config.vq_strides]
-        step = self.window - 2 * self.margin
-        out = []
-        start = 0
-        while True:
-            last = start + self.window >= length
-            keep_from = 0 if start == 0 else start + self.margin
-            keep_to = length if last else start + self.window - self.margin
-            seg_len = min(self.window, length - start)
-            local = self.config.num_frames(seg_len)
-            keep, offset = [], []
-            for fs, n_local, n_total in zip(frame_samples, local, frames):
-                a = (keep_from - start) // fs
-                b = n_local if last else (keep_to - start) // fs
-                keep.append((a, b))
-                offset.append(keep_from // fs)
-            out.append(Segment(start, seg_len, tuple(keep), tuple(offset)))
-            if last:
-                break
-            start += step
-        return out
+        """How a stream of `length` samples (at the model rate) is cut into batch items."""
+        from codec_jax import chunking
+
+        config = self.config
+        strides = config.vq_strides
+        if self.kind == "encode":
+            frames = config.num_frames(length)
+            if length <= self.window:
+                return [Segment(0, length, tuple((0, f) for f in frames), (0,) * len(frames))]
+            return [Segment(w.start, w.length,
+                            tuple((w.keep[0] // s, w.keep[1] // s) for s in strides),
+                            tuple(w.offset // s for s in strides))
+                    for w in chunking.encode_windows(config, length, self.window_seconds)]
+        # decode: rows are whole latent frames (the codes' padded length); kept samples
+        # are trimmed to the clip's length when stored.
+        hop = config.hop_length
+        latent = config.padded_length(length) // hop
+        if latent * hop <= self.window:
+            return [Segment(0, latent * hop, ((0, latent * hop),), (0,))]
+        return [Segment(w.start * hop, w.length * hop, (w.keep,), (w.offset,))
+                for w in chunking.decode_windows(config, latent, self.window_seconds)]
 
     def describe(self) -> str:
         sr = self.config.sampling_rate
         return ", ".join(f"{b / sr:.2f} s x {self.batch_sizes[b]}" for b in self.lengths)
-
-
-def _receptive_margin(config) -> int:
-    """Samples a window must extend past the frames it keeps (the encoder's reach)."""
-    try:
-        from codec_jax import chunking
-    except ImportError:
-        chunking = None
-    if chunking is not None and hasattr(chunking, "receptive_field"):
-        return int(chunking.receptive_field(config))
-    # Until the model computes its receptive field: one second, which exceeds SNAC's
-    # encoder reach (kernel-7 residual units with dilations up to 9 at every rate).
-    return config.sampling_rate
 
 
 # ---------------------------------------------------------------------------- reading
@@ -862,8 +849,7 @@ def decode_corpus(codec, files: Sequence[InputFile], options: DecodeOptions, *,
     pindex, pcount = jax.process_index(), jax.process_count()
     devices = local_devices(options.max_devices)
     plan = BucketPlan(config, window_seconds=options.window_seconds, n_buckets=options.buckets,
-                      batch_size=options.batch_size, n_devices=len(devices),
-                      margin_samples=_receptive_margin(config))
+                      batch_size=options.batch_size, n_devices=len(devices), kind="decode")
     report = JobReport("decode", "", model_id, pindex, pcount, buckets=plan.describe(),
                        devices=len(devices))
     share = process_share(list(files), pindex, pcount)
@@ -892,12 +878,11 @@ def decode_corpus(codec, files: Sequence[InputFile], options: DecodeOptions, *,
         for meta, audio in results:
             for row, (idx, ch, seg) in enumerate(meta):
                 st = states[idx]
-                # Samples kept by this window: the frames it keeps, at level 0's grid.
-                a0, b0 = seg.keep[0]
-                lo = a0 * frame_samples[0]
-                hi = min(b0 * frame_samples[0], seg.length)
-                start = seg.offset[0] * frame_samples[0]
-                st["audio"][ch, start:start + hi - lo] = audio[row, lo:hi]
+                lo, hi = seg.keep[0]  # samples of this row the clip keeps
+                start = seg.offset[0]
+                n = min(hi - lo, st["length"] - start)  # the codes' padding is trimmed
+                if n > 0:
+                    st["audio"][ch, start:start + n] = audio[row, lo:lo + n]
                 st["remaining"] -= 1
                 if st["remaining"] == 0:
                     finish(idx)
@@ -913,9 +898,8 @@ def decode_corpus(codec, files: Sequence[InputFile], options: DecodeOptions, *,
             for row, (idx, ch, seg) in enumerate(batch):
                 src = states[idx]["codes"]
                 for level, fs in enumerate(frame_samples):
-                    first = seg.start // fs
-                    n = config.num_frames(seg.length)[level]
-                    codes[level][row, :n] = src[level][ch, first:first + n]
+                    first = seg.start // fs  # rows are whole frames of every level
+                    codes[level][row, :seg.length // fs] = src[level][ch, first:first + seg.length // fs]
                 lengths[row] = seg.length
             collect(runner.submit(batch, codes, lengths))
         pending[bucket] = items

@@ -20,7 +20,7 @@ from codec_jax.audio import io as audio_io
 from codec_jax.config import get_preset
 from codec_jax.errors import UsageError
 
-from snac_reference import build_reference, make_signals, save_hub_directory
+from snac_reference import build_reference, make_signals, reference_margins, save_hub_directory
 
 SR = 16000  # the tiny preset's rate
 # Small enough to be quick, long enough that the 2.6 s file is windowed.
@@ -33,11 +33,39 @@ def _options(out, **kw):
 
 
 @pytest.fixture(scope="module")
-def codec(tmp_path_factory):
+def reference(tmp_path_factory):
+    """The reference SNAC with perturbed weights and codebooks from its latents (varied codes)."""
     config = get_preset("tiny").to_dict()
-    d = save_hub_directory(build_reference(config, seed=0), config,
-                           str(tmp_path_factory.mktemp("model")))
-    return codec_jax.load_pretrained(d)
+    model = build_reference(config, seed=0)
+    return model, save_hub_directory(model, config, str(tmp_path_factory.mktemp("model")))
+
+
+@pytest.fixture(scope="module")
+def codec(reference):
+    return codec_jax.load_pretrained(reference[1])
+
+
+# Squared-distance margin below which either of two codes is a correct choice: the batched
+# program may sum in another order than the exact-length one (see tests/test_invariance.py).
+NEAR_TIE = 1e-5
+
+
+def assert_same_codes(config, got, want, margins, what=""):
+    """got/want: per level `[frames]`. Every difference must be a near-tie of the reference
+    (margin < NEAR_TIE) or lie under a coarser level's difference (another residual)."""
+    latent = np.asarray(want[-1]).shape[-1] * config.vq_strides[len(want) - 1]
+    upstream = np.zeros(latent, bool)
+    unexplained = []
+    for level, (g, w, m) in enumerate(zip(got, want, margins)):
+        g, w, m = np.asarray(g), np.asarray(w), np.asarray(m).reshape(-1)
+        assert g.shape == w.shape, (what, level, g.shape, w.shape)
+        s = config.vq_strides[level]
+        differ = g != w
+        inherited = upstream.reshape(-1, s).any(axis=1)
+        unexplained += [(level, int(f), float(m[f]))
+                        for f in np.nonzero(differ & ~inherited & ~(m < NEAR_TIE))[0]]
+        upstream |= np.repeat(differ, s)
+    assert not unexplained, f"{what}: codes differ where the reference has no near-tie: {unexplained}"
 
 
 GOOD = {  # relpath: (seconds, sample rate, channels)
@@ -78,13 +106,15 @@ def corpus_dir(tmp_path_factory):
     return root, bad
 
 
-def _whole_file_codes(codec, path, mix=True):
-    """The reference: the file read alone, each channel coded alone at its exact length.
-    -> per level int `[channels, frames]`."""
+def _whole_file(codec, model, path, mix=True):
+    """The reference result: the file read alone, each channel coded alone at its exact
+    length. -> (codes per level int `[channels, frames]`, margins per channel and level)."""
     audio = audio_io.read_audio(str(path), target_sample_rate=SR, dtype="float32", mix=mix).pcm.T
     per_channel = [codec.encode(ch[None]) for ch in audio]
-    return [np.stack([np.asarray(c[lv][0]) for c in per_channel])
-            for lv in range(codec.config.n_levels)]
+    codes = [np.stack([np.asarray(c[lv][0]) for c in per_channel])
+             for lv in range(codec.config.n_levels)]
+    margins = [[m[0] for m in reference_margins(model, ch[None])] for ch in audio]
+    return codes, margins
 
 
 @pytest.fixture(scope="module")
@@ -126,32 +156,34 @@ def test_process_shares_are_disjoint_and_cover_everything():
 
 @pytest.mark.parametrize("preset", ["tiny", "snac_24khz", "snac_32khz"])
 def test_windows_tile_every_frame_once_and_keep_away_from_edges(preset):
+    from codec_jax import chunking
+
     config = get_preset(preset)
-    plan = corpus.BucketPlan(config, window_seconds=6.0, n_buckets=4, batch_size=3, n_devices=2,
-                             margin_samples=config.sampling_rate // 2)
+    rf = chunking.receptive_field(config)
+    plan = corpus.BucketPlan(config, window_seconds=6.0, n_buckets=4, batch_size=3, n_devices=2)
     assert len(plan.lengths) <= 4 and all(b % config.pad_multiple == 0 for b in plan.lengths)
     assert all(v % 2 == 0 for v in plan.batch_sizes.values())  # padded to the device count
     frame_samples = [config.hop_length * s for s in config.vq_strides]
     for length in (1, config.pad_multiple, plan.window, plan.window + 1, 5 * plan.window + 123):
         segs = plan.segments(length)
-        total = config.num_frames(length)
-        for level, n in enumerate(total):
+        assert all(plan.bucket(s.length) in plan.lengths for s in segs)
+        for level, n in enumerate(config.num_frames(length)):
             covered = np.zeros(n, int)
             for seg in segs:
                 a, b = seg.keep[level]
                 covered[seg.offset[level]:seg.offset[level] + b - a] += 1
                 assert seg.start % config.pad_multiple == 0
-                assert seg.offset[level] == seg.start // frame_samples[level] + a
-                if seg.start > 0:  # kept frames start a margin past the window's left edge
-                    assert a * frame_samples[level] >= plan.margin
-                if seg.start + seg.length < length:  # and end a margin before its right edge
-                    assert plan.window - b * frame_samples[level] >= plan.margin
+                assert seg.offset[level] == (seg.start + a * frame_samples[level]) // frame_samples[level]
+                if seg.start > 0:  # kept frames see nothing left of the window
+                    assert a * frame_samples[level] >= rf.encoder_left
+                if seg.start + seg.length < length:  # nor right of it
+                    assert seg.length - b * frame_samples[level] >= rf.encoder_right
             np.testing.assert_array_equal(covered, 1)
-        assert all(plan.bucket(s.length) in plan.lengths for s in segs)
 
 
 # --------------------------------------------------------------------------- encode
-def test_every_good_file_coded_as_if_alone_and_bad_ones_reported(codec, corpus_dir, encoded):
+def test_every_good_file_coded_as_if_alone_and_bad_ones_reported(codec, reference, corpus_dir,
+                                                                  encoded):
     root, bad = corpus_dir
     out, files, report = encoded
     assert report.done == len(GOOD) and report.files == len(GOOD) + len(bad)
@@ -169,12 +201,11 @@ def test_every_good_file_coded_as_if_alone_and_bad_ones_reported(codec, corpus_d
         got = codec_jax.load_codes(out / (rel + ".snac"))
         assert got.model_id == model_id and got.source == rel and got.channels == 1
         assert got.original_sample_rate == sr and got.sample_rate == SR
-        want = _whole_file_codes(codec, root / rel)
+        want, margins = _whole_file(codec, reference[0], root / rel)
         assert got.length == len(audio_io.read_audio(str(root / rel), target_sample_rate=SR,
                                                       dtype="float32", mix=True).pcm)
-        for level, (g, w) in enumerate(zip(got.codes, want)):
-            assert g.dtype == np.uint8
-            np.testing.assert_array_equal(g, w[0], err_msg=f"{rel} level {level}")
+        assert all(g.dtype == np.uint8 for g in got.codes)
+        assert_same_codes(codec.config, got.codes, [w[0] for w in want], margins[0], rel)
     leftovers = [n for _, _, names in os.walk(out) for n in names if n.endswith(".tmp")]
     assert not leftovers
 
@@ -199,7 +230,7 @@ def test_rerun_skips_finished_outputs_and_overwrite_redoes_them(codec, corpus_di
     assert report.done == len(GOOD) and report.skipped_existing == 0
 
 
-def test_separate_channels_are_coded_one_stream_each(codec, corpus_dir, tmp_path):
+def test_separate_channels_are_coded_one_stream_each(codec, reference, corpus_dir, tmp_path):
     root, _ = corpus_dir
     rel = "speech/b.flac"
     files = [corpus.InputFile(str(root / rel), rel)]
@@ -207,11 +238,11 @@ def test_separate_channels_are_coded_one_stream_each(codec, corpus_dir, tmp_path
                                   _options(tmp_path, channels="separate"))
     assert report.done == 1
     got = codec_jax.load_codes(tmp_path / (rel + ".snac"))
-    want = _whole_file_codes(codec, root / rel, mix=False)
-    assert got.channels == 2
-    for g, w in zip(got.codes, want):
-        assert g.shape == w.shape and g.shape[0] == 2
-        np.testing.assert_array_equal(g, w)
+    want, margins = _whole_file(codec, reference[0], root / rel, mix=False)
+    assert got.channels == 2 and all(g.shape[0] == 2 for g in got.codes)
+    for ch in range(2):
+        assert_same_codes(codec.config, [g[ch] for g in got.codes], [w[ch] for w in want],
+                          margins[ch], f"{rel} channel {ch}")
     # decode gives the channel count back
     dec = corpus.decode_corpus(codec, corpus.collect_inputs([str(tmp_path)], (".snac",)),
                                corpus.DecodeOptions(output_dir=str(tmp_path / "audio"),
