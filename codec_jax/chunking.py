@@ -26,6 +26,7 @@ near-ties in the codes: XLA may sum in another order for another shape).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import Any, Callable, Optional, Sequence
 
@@ -131,6 +132,7 @@ class ReceptiveField:
         return iter(dataclasses.astuple(self))
 
 
+@functools.lru_cache(maxsize=None)
 def receptive_field(config: SNACConfig) -> ReceptiveField:
     """`(encoder_left, encoder_right, decoder_left, decoder_right)` in samples, computed by
     following positions back through the encoder's and decoder's layers (see module doc).
