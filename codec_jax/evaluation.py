@@ -21,9 +21,10 @@ Metrics (definitions, modes and rates in docs/evaluation.md):
   visqol         ViSQOL v3 MOS-LQO (pip `visqol-python`): "audio" mode at 48 kHz (music,
                  general audio) or "speech" mode at 16 kHz.
 
-The spectral metrics and SI-SDR are computed on the accelerator in one jitted call per
-batch; files of different lengths share a batch, each masked to its own length, so the
-result for a file equals the metric of that file alone. PESQ, STOI and ViSQOL are CPU
+Files of different lengths share a batch: the codec takes each row's length (its codes
+and audio are those of the file coded alone), and the spectral metrics and SI-SDR are
+computed on the accelerator in one jitted call per batch with each row masked to its own
+length, so every figure equals that of the file alone. PESQ, STOI and ViSQOL are CPU
 work and run in worker processes while the accelerator codes the next batch.
 
 JAX is imported only inside functions: the perceptual worker processes import this module
@@ -440,7 +441,7 @@ def code_statistics(counts: np.ndarray) -> dict[str, float]:
         return {"codebook_size": size, "codes": 0, "used": 0, "usage": 0.0, "entropy_bits": 0.0,
                 "perplexity": 1.0, "headroom_bits": math.log2(size)}
     p = counts[counts > 0] / total
-    entropy = float(-(p * np.log2(p)).sum())
+    entropy = max(0.0, float(-(p * np.log2(p)).sum()))  # no "-0.0" for a single used code
     return {"codebook_size": int(size), "codes": int(total), "used": int(np.count_nonzero(counts)),
             "usage": float(np.count_nonzero(counts) / size), "entropy_bits": entropy,
             "perplexity": float(2.0 ** entropy), "headroom_bits": float(math.log2(size) - entropy)}
@@ -530,27 +531,17 @@ def model_identity(codec, source: str) -> dict[str, Any]:
 # ------------------------------------------------------------------------ coding files
 
 
-def _codec_takes_lengths(codec) -> bool:
-    import inspect
-
-    return "lengths" in inspect.signature(codec.encode).parameters
-
-
 def _group_length(codec, num_samples: int) -> int:
-    """Padded length a file is batched at. Without per-row lengths in the codec, only
-    files of equal padded length can share a batch (their codes then equal those of
-    each file alone); with them, lengths are bucketed (1, 2, 3, 4, 6, 8, 12, ... padding
-    units) so that few shapes compile."""
+    """Width a file is batched at: its padded length rounded up to 1, 2, 3, 4, 6, 8, 12,
+    ... padding units (at most 50 % padding), so that few shapes compile. The codec's
+    per-row `lengths` make each file's codes and audio those of the file alone."""
     config = codec.config
-    padded = config.padded_length(num_samples)
-    if not _codec_takes_lengths(codec):
-        return padded
-    units = padded // config.pad_multiple
+    units = config.padded_length(num_samples) // config.pad_multiple
     bucket = 1
-    while bucket < units:  # 1, 2, 3, 4, 6, 8, 12, 16, ...: at most 50 % padding
+    while bucket < units:
         is_power_of_two = bucket & (bucket - 1) == 0
         bucket = bucket * 3 // 2 if is_power_of_two and bucket >= 2 else bucket * 2 if is_power_of_two else bucket // 3 * 4
-    return max(bucket, units) * config.pad_multiple
+    return bucket * config.pad_multiple
 
 
 def _batch_rows(count: int, batch_size: int) -> int:
@@ -573,12 +564,9 @@ def code_batch(codec, audio: np.ndarray, lengths: np.ndarray, levels: Sequence[i
     """
     import jax
 
-    if _codec_takes_lengths(codec):
-        codes = codec.encode(audio, lengths=lengths)
-        recon = {k: codec.decode(codes[:k], lengths=lengths) for k in levels}
-    else:
-        codes = codec.encode(audio)
-        recon = {k: codec.decode(codes[:k]) for k in levels}
+    width = audio.shape[1]
+    codes = codec.encode(audio, lengths=lengths)
+    recon = {k: codec.decode(codes[:k], lengths=lengths, length=width) for k in levels}
     codes, recon = jax.device_get((codes, recon))
     out = {}
     for k, r in recon.items():

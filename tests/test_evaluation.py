@@ -344,7 +344,8 @@ def test_eval_command_end_to_end_on_the_tiny_preset(tmp_path):
     assert main(argv) == 2
 
 
-@pytest.mark.parametrize("enabled", [True, False])
+# Enabled: ~40 s on 2 cores (spawns the worker pool, numba-compiles ViSQOL's kernels).
+@pytest.mark.parametrize("enabled", [pytest.param(True, marks=pytest.mark.slow), False])
 def test_trainer_eval_logs_perceptual_metrics_when_enabled(tmp_path, enabled):
     """`logging.eval_perceptual` adds PESQ/STOI/ViSQOL of the eval clips to metrics.jsonl,
     with the values `reconstruction_metrics` gives for the same clips."""
