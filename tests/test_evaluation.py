@@ -389,3 +389,44 @@ def test_trainer_eval_logs_perceptual_metrics_when_enabled(tmp_path, enabled):
             assert got == "nan" and math.isnan(want), (m, got, want)
         else:
             assert got == pytest.approx(want, rel=1e-6), m
+
+
+def test_batch_widths_are_bucketed_to_few_shapes():
+    import types
+
+    from codec_jax.config import get_preset
+
+    codec = types.SimpleNamespace(config=get_preset("tiny"))
+    unit = codec.config.pad_multiple
+    widths = [E._group_length(codec, units * unit) // unit for units in range(1, 14)]
+    assert widths == [1, 2, 3, 4, 6, 6, 8, 8, 12, 12, 12, 12, 16]
+    assert E._group_length(codec, unit + 1) == 2 * unit  # padded to whole units first
+
+
+def test_quality_curve_rows_and_plot(tmp_path):
+    """The curve script's CSV row from an eval summary, and the plot of such rows."""
+    sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parents[1] / "bench"))
+    import quality_curve
+
+    def summary(pesq, usage):
+        stat = lambda m: {"mean": m, "ci95": [m - 0.1, m + 0.1], "n": 3, "undefined": 0}  # noqa: E731
+        return {"metrics": {"pesq_wb": stat(pesq), "stoi": stat(0.8), "mel_distance": stat(1.0),
+                            "stft_distance": stat(2.0), "si_sdr_db": stat(3.0)},
+                "codes": {"levels": [{"usage": usage, "entropy_bits": 9.5}, {"usage": 0.5, "entropy_bits": 8.0}],
+                          "entropy_bitrate_bps": 1500.0, "nominal_bitrate_bps": 1960.0},
+                "files": 3, "settings": {"visqol_mode": None}, "model": {"sha256": "ab" * 32}}
+
+    csv_path = tmp_path / "curve.csv"
+    state = {"train_seconds": 90.0, "accelerators": 2}
+    for step, pesq in ((100, 1.5), (200, 2.5)):
+        row = quality_curve._row(step, state, summary(pesq, 0.25), 30.0, audio_seconds_per_step=16.0)
+        quality_curve._append_row(csv_path, row)
+    rows = quality_curve._read_rows(csv_path)
+    assert [r["step"] for r in rows] == ["100", "200"]
+    assert rows[0]["gpu_minutes"] == "3.00"  # 90 s x 2 accelerators
+    assert rows[1]["audio_hours_seen"] == f"{200 * 16 / 3600:.2f}"
+    assert (rows[1]["pesq_wb"], rows[1]["pesq_wb_ci_low"]) == ("2.5", "2.4")
+    assert rows[0]["visqol"] == "" and rows[0]["code_usage_per_level"] == "0.250 0.500"
+    png = tmp_path / "curve.png"
+    quality_curve.plot_quality_curve(csv_path, png)
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
