@@ -308,11 +308,13 @@ def run(args) -> int:
 
 
 def plot_quality_curve(csv_path: str | os.PathLike, png_path: str | os.PathLike, title: str = "") -> None:
-    """Each metric of the CSV against GPU-minutes (log x), step numbers as labels."""
+    """Each metric of the CSV against GPU-minutes (log x when they span decades), step
+    numbers as labels."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     rows = _read_rows(Path(csv_path))
     if not rows:
@@ -339,7 +341,9 @@ def plot_quality_curve(csv_path: str | os.PathLike, png_path: str | os.PathLike,
                 ax.plot(x, y, marker="o")
             for xi, yi, r in zip(x, y, rows):
                 ax.annotate(r["step"], (xi, yi), textcoords="offset points", xytext=(3, 4), fontsize=7)
-        ax.set_xscale("log")
+        if max(x) / min(x) > 20:  # steps 500 .. 100k span decades of compute
+            ax.set_xscale("log")
+            ax.xaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
         ax.set_xlabel("training GPU-minutes (labels: steps)")
         ax.set_title(label, fontsize=10)
     fig.suptitle(title or f"quality vs training compute ({rows[-1]['files']} validation files, "
