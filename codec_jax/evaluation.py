@@ -585,7 +585,7 @@ class EvalSettings:
     """What `evaluate_codec` measures; the `codec-jax eval` flags map onto these."""
 
     batch_size: int = 8
-    levels: Optional[Sequence[int]] = None  # decoder level counts to sweep; None: 1..L
+    levels: Optional[Sequence[int]] = None  # decoder level counts to sweep; None: 1..L; all L always
     pesq: bool = True
     stoi: bool = True
     visqol: bool = True
@@ -641,12 +641,10 @@ def evaluate_codec(codec, inputs: Sequence[str], out_dir: str | os.PathLike, *,
     t_start = time.perf_counter()
     config = codec.config
     sr = codec.sample_rate
-    levels = sorted(set(settings.levels or range(1, config.n_levels + 1)))
-    if levels[0] < 1 or levels[-1] > config.n_levels:
-        raise UsageError(f"levels must be in 1..{config.n_levels}, got {levels}")
     full = config.n_levels
-    if full not in levels:
-        levels.append(full)
+    levels = sorted(set(range(1, full + 1) if settings.levels is None else settings.levels) | {full})
+    if levels[0] < 1 or levels[-1] > full:
+        raise UsageError(f"levels must be in 1..{full}, got {levels}")
     if settings.rank_by not in METRICS:
         raise UsageError(f"--rank-by must be one of {', '.join(METRICS)}, got {settings.rank_by!r}")
     visqol_mode = visqol_mode_for(sr, settings.visqol_mode) if settings.visqol else None
