@@ -12,8 +12,11 @@ Conventions:
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
+import struct
+import tempfile
 from collections.abc import Iterator, Sequence
 
 import numpy as np
@@ -25,6 +28,21 @@ import soxr
 AUDIO_EXTENSIONS: tuple[str, ...] = (
     ".wav", ".flac", ".ogg", ".oga", ".opus", ".mp3", ".aif", ".aiff",
 )
+
+# Every format this libsndfile reads, by its usual extensions (header-less RAW excluded:
+# it cannot be decoded without being told its layout).
+_FORMAT_EXTENSIONS = {
+    "AIFF": (".aif", ".aiff", ".aifc"), "AU": (".au", ".snd"), "AVR": (".avr",),
+    "CAF": (".caf",), "FLAC": (".flac",), "HTK": (".htk",), "SVX": (".iff", ".svx"),
+    "MAT4": (".mat",), "MAT5": (".mat",), "MPC2K": (".mpc",), "MP3": (".mp3",),
+    "OGG": (".ogg", ".oga", ".opus"), "PAF": (".paf",), "PVF": (".pvf",), "RF64": (".rf64",),
+    "SD2": (".sd2",), "SDS": (".sds",), "IRCAM": (".sf", ".ircam"), "VOC": (".voc",),
+    "W64": (".w64",), "WAV": (".wav",), "WAVEX": (".wav",), "NIST": (".nist", ".sph"),
+    "WVE": (".wve",), "XI": (".xi",),
+}
+SOUNDFILE_EXTENSIONS: tuple[str, ...] = tuple(sorted(
+    {e for fmt in sf.available_formats() for e in _FORMAT_EXTENSIONS.get(fmt, ())}
+    | set(AUDIO_EXTENSIONS)))
 
 _PCM16_SCALE = 32768.0
 
@@ -43,7 +61,8 @@ class DecodedAudio:
     """One decoded (and possibly resampled) file.
 
     Attributes:
-      pcm: int16 `[samples, channels]`, at `sample_rate`.
+      pcm: int16 (or float32 with `read_audio(dtype="float32")`) `[samples, channels]`,
+        at `sample_rate`; one channel when read with `mix=True`.
       sample_rate: rate of `pcm` (the target rate after resampling).
       original_sample_rate: rate stored in the source file.
     """
@@ -109,45 +128,71 @@ def read_audio(
     target_sample_rate: int | None,
     min_seconds: float = 0.0,
     resample_quality: str = "HQ",
+    dtype: str = "int16",
+    mix: bool = False,
 ) -> DecodedAudio:
-    """Decodes one file to int16 `[samples, channels]` at `target_sample_rate`.
+    """Decodes one file to `[samples, channels]` at `target_sample_rate`.
+
+    The one reader of the project: the dataset builder stores int16, the codec commands
+    code float32 (`dtype="float32"`), mixed to mono by the mean of the channels
+    (`mix=True`) or one stream per channel.
 
     Args:
       path: file to read (anything libsndfile decodes).
       target_sample_rate: output rate; None keeps the file's own rate.
       min_seconds: files shorter than this (after decoding) are rejected.
       resample_quality: soxr quality ("QQ", "LQ", "MQ", "HQ", "VHQ").
+      dtype: "int16" (PCM, clipped) or "float32" (no clipping).
+      mix: average the channels into one.
 
     Raises:
-      AudioReadError: unreadable, empty, non-finite or too short; the message
+      AudioReadError: unreadable, empty, truncated, non-finite or too short; the message
         says which, so that a build report can name it.
     """
+    if dtype not in ("int16", "float32"):
+        raise ValueError(f"dtype must be 'int16' or 'float32', got {dtype!r}")
+    if os.path.isdir(path):
+        raise AudioReadError(path, "is a directory, not an audio file")
+    try:
+        if os.path.getsize(path) == 0:
+            raise AudioReadError(path, "empty file (0 bytes)")
+    except OSError as e:
+        raise AudioReadError(path, f"cannot open ({e.strerror or e})") from None
     try:
         info = sf.info(path)
     except Exception as e:  # soundfile raises LibsndfileError/RuntimeError/TypeError
-        raise AudioReadError(path, f"unreadable ({_one_line(e)})") from None
+        raise AudioReadError(path, f"unreadable ({_one_line(e, path)})") from None
     if info.frames == 0 or info.channels == 0:
-        raise AudioReadError(path, "empty (0 samples)")
+        raise AudioReadError(path, "empty or truncated (0 readable samples)")
+    declared = _declared_wav_frames(path) if info.format in ("WAV", "WAVEX") else None
     rate = int(info.samplerate)
     out_rate = rate if target_sample_rate is None else int(target_sample_rate)
     # 16-bit PCM at the target rate is copied verbatim (no float round trip),
     # so stored samples are exactly the file's samples.
-    exact = info.subtype == "PCM_16" and rate == out_rate
+    exact = dtype == "int16" and not (mix and info.channels > 1) and (
+        info.subtype == "PCM_16" and rate == out_rate)
     try:
         data, _ = sf.read(path, dtype="int16" if exact else "float32", always_2d=True)
     except Exception as e:
-        raise AudioReadError(path, f"corrupt ({_one_line(e)})") from None
+        raise AudioReadError(path, f"corrupt ({_one_line(e, path)})") from None
     if data.shape[0] == 0:
         raise AudioReadError(path, "empty (0 samples decoded)")
+    # libsndfile silently shortens a cut-off WAV to the bytes present; the header says
+    # how many frames the writer meant. Compressed formats fail to decode instead.
+    if declared is not None and data.shape[0] < declared:
+        raise AudioReadError(
+            path, f"truncated ({data.shape[0]} of {declared} declared frames readable)")
     if exact:
         pcm = np.ascontiguousarray(data)
     else:
         if not np.all(np.isfinite(data)):
-            raise AudioReadError(path, "corrupt (non-finite samples)")
+            raise AudioReadError(path, "corrupt (NaN or infinite samples)")
+        if mix and data.shape[1] > 1:
+            data = data.mean(axis=1, keepdims=True)
         data = resample(data, rate, out_rate, quality=resample_quality)
         if data.ndim == 1:
             data = data[:, None]
-        pcm = float_to_pcm16(data)
+        pcm = float_to_pcm16(data) if dtype == "int16" else np.ascontiguousarray(data, np.float32)
     if pcm.shape[0] == 0:
         raise AudioReadError(path, "empty after resampling")
     if pcm.shape[0] < min_seconds * out_rate:
@@ -155,6 +200,76 @@ def read_audio(
             path, f"too short ({pcm.shape[0] / out_rate:.3f} s < {min_seconds} s)"
         )
     return DecodedAudio(pcm=pcm, sample_rate=out_rate, original_sample_rate=rate)
+
+
+def _declared_wav_frames(path: str) -> int | None:
+    """Frames the RIFF header of a WAV file declares, or None when it does not say.
+
+    Walks the chunks up to `data`; streaming writers put 0 or 0xFFFFFFFF there (unknown).
+    """
+    try:
+        with open(path, "rb") as f:
+            head = f.read(12)
+            if len(head) < 12 or head[:4] != b"RIFF" or head[8:12] != b"WAVE":
+                return None
+            block_align = None
+            while True:
+                chunk = f.read(8)
+                if len(chunk) < 8:
+                    return None
+                cid, size = chunk[:4], struct.unpack("<I", chunk[4:])[0]
+                if cid == b"fmt ":
+                    fmt = f.read(size)
+                    if len(fmt) < 16:
+                        return None
+                    block_align = struct.unpack("<H", fmt[12:14])[0]
+                    f.seek(size % 2, os.SEEK_CUR)
+                elif cid == b"data":
+                    if not block_align or size in (0, 0xFFFFFFFF):
+                        return None
+                    return size // block_align
+                else:
+                    f.seek(size + size % 2, os.SEEK_CUR)
+    except OSError:
+        return None
+
+
+def _process_umask() -> int:
+    # os.umask can only be read by setting it; set it straight back.
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+@contextlib.contextmanager
+def atomic_output(target: str | os.PathLike, *, overwrite: bool = True) -> Iterator[str]:
+    """Yields a temporary path beside `target`; renames it onto `target` on success.
+
+    An error, Ctrl-C or SIGTERM (raised as an exception by the caller's handler) inside
+    the block removes the temporary file, so a reader never sees a partial file. The file
+    gets the permissions a plain `open(target, "w")` would (0666 minus the umask), not
+    `mkstemp`'s 0600. `overwrite=False` refuses an existing target (FileExistsError).
+    """
+    target = os.fspath(target)
+    if not overwrite and os.path.exists(target):
+        raise FileExistsError(target)
+    directory = os.path.dirname(target) or "."
+    os.makedirs(directory, exist_ok=True)
+    base = os.path.basename(target)
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{base}.", suffix=".tmp")
+    try:
+        os.fchmod(fd, 0o666 & ~_process_umask())
+        os.close(fd)
+        yield tmp
+        os.replace(tmp, target)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def is_temporary_output(name: str) -> bool:
+    """True for the names `atomic_output` gives its temporary files."""
+    return name.startswith(".") and name.endswith(".tmp")
 
 
 def chunk_bounds(num_samples: int, max_chunk_samples: int | None) -> list[tuple[int, int]]:
@@ -177,6 +292,8 @@ def iter_chunks(audio: DecodedAudio, max_chunk_seconds: float | None) -> Iterato
         yield start, audio.pcm[start:end]
 
 
-def _one_line(e: BaseException) -> str:
-    text = " ".join(str(e).split()) or type(e).__name__
+def _one_line(e: BaseException, path: str = "") -> str:
+    # libsndfile repeats the path ("Error opening '<path>': ..."); the caller names it once.
+    text = str(e).replace(f"Error opening {path!r}: ", "") if path else str(e)
+    text = " ".join(text.split()) or type(e).__name__
     return text[:200]

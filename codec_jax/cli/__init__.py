@@ -12,8 +12,8 @@ import os
 import sys
 
 _COMMANDS = {
-    "encode": ("codec_jax.cli.codec", "encode_main", "audio file(s) -> codes (.npz)"),
-    "decode": ("codec_jax.cli.codec", "decode_main", "codes (.npz) -> audio file"),
+    "encode": ("codec_jax.cli.codec", "encode_main", "audio files/dirs -> codes (.snac files or shards)"),
+    "decode": ("codec_jax.cli.codec", "decode_main", "codes (.snac) -> audio files"),
     "roundtrip": ("codec_jax.cli.codec", "roundtrip_main", "encode + decode an audio file, report quality"),
     "convert": ("codec_jax.cli.codec", "convert_main", "SNAC checkpoint dir -> orbax params dir"),
     "train": ("codec_jax.cli.train", "main", "train a codec (codec_jax/configs/*.py)"),

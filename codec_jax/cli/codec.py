@@ -1,184 +1,215 @@
 """Command-line tools: `codec-jax encode | decode | roundtrip | convert`.
 
-Files are read with soundfile (wav/flac/ogg/mp3), mixed to mono and resampled with soxr
-to the model's rate. Long files are coded in chunks (a multiple of the model's padding
-unit) so memory stays bounded; outputs are written to a temporary file and renamed, so an
-interrupted or failed run never leaves a truncated file, and existing files are only
-replaced with --overwrite.
+Flags only: the work is `codec_jax.corpus` (batched corpus jobs) and
+`codec_jax.audio.codes_file` (the `.snac` format, docs/codes_format.md). Nothing here
+imports JAX before the arguments are parsed, so `--help` is instant.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
+import contextlib
 import os
+import signal
 import sys
-import tempfile
-import time
-from pathlib import Path
-
-import numpy as np
 
 
-def _read_audio(path: str, sample_rate: int) -> np.ndarray:
-    """-> float32 mono `[samples]` at `sample_rate`."""
-    import soundfile as sf
-    import soxr
-
-    try:
-        data, sr = sf.read(path, dtype="float32", always_2d=True)
-    except Exception as e:  # soundfile raises several types for unreadable input
-        raise SystemExit(f"codec-jax: cannot read {path}: {e}") from None
-    if data.shape[0] == 0:
-        raise SystemExit(f"codec-jax: {path} has no samples")
-    mono = data.mean(axis=1)
-    if not np.all(np.isfinite(mono)):
-        raise SystemExit(f"codec-jax: {path} contains NaN or infinite samples")
-    if sr != sample_rate:
-        mono = soxr.resample(mono, sr, sample_rate, quality="HQ").astype(np.float32)
-    return mono
+def _model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", help="SNAC directory, a directory from `codec-jax convert`, or a preset")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
+                   help="compute dtype (parameters stay float32)")
 
 
-def _atomic_write(target: Path, overwrite: bool, write) -> None:
-    if target.exists() and not overwrite:
-        raise SystemExit(f"codec-jax: {target} exists; pass --overwrite to replace it")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=target.suffix)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, target)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+def _batch_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("batching")
+    g.add_argument("--batch-size", type=int, default=16,
+                   help="clips per batch at the longest bucket; shorter buckets take "
+                        "proportionally more, so every batch holds the same audio (default 16)")
+    g.add_argument("--window-seconds", type=float, default=20.0,
+                   help="longest bucket; longer audio is coded as overlapping windows of "
+                        "this length whose codes equal whole-file coding (default 20)")
+    g.add_argument("--buckets", type=int, default=5,
+                   help="padded lengths, halving from --window-seconds; also the most "
+                        "programs compiled (default 5)")
+    g.add_argument("--max-devices", type=int, default=None,
+                   help="use at most this many local devices (default: all)")
+    d = p.add_argument_group("multi-host (jax.distributed)")
+    d.add_argument("--distributed", action="store_true",
+                   help="call jax.distributed.initialize() (cluster auto-detection); every "
+                        "process takes a disjoint share of the files")
+    d.add_argument("--coordinator-address", default=None, help="host:port of process 0")
+    d.add_argument("--num-processes", type=int, default=None)
+    d.add_argument("--process-id", type=int, default=None)
 
 
-def _write_audio(target: Path, audio: np.ndarray, sample_rate: int, overwrite: bool) -> None:
-    import soundfile as sf
-
-    fmt = target.suffix.lstrip(".").upper() or "WAV"
-    _atomic_write(target, overwrite, lambda tmp: sf.write(tmp, audio, sample_rate, format=fmt))
-
-
-def _chunk_samples(codec, chunk_seconds: float) -> int:
-    unit = codec.config.pad_multiple
-    return max(unit, int(chunk_seconds * codec.config.sampling_rate) // unit * unit)
-
-
-def encode_array(codec, audio: np.ndarray, chunk_seconds: float = 30.0, progress: bool = True):
-    """Mono `[samples]` -> list of int32 `[frames_level]` per level, coding in chunks."""
-    chunk = _chunk_samples(codec, chunk_seconds)
-    pieces = []
-    starts = range(0, len(audio), chunk)
-    t0 = time.perf_counter()
-    for i, start in enumerate(starts):
-        codes = codec.encode(audio[None, start:start + chunk])
-        pieces.append([np.asarray(c[0]) for c in codes])
-        if progress and len(starts) > 1:
-            done = min(start + chunk, len(audio)) / codec.config.sampling_rate
-            rate = done / (time.perf_counter() - t0)
-            print(f"\r  encoded {done:8.1f} s of {len(audio) / codec.config.sampling_rate:.1f} s "
-                  f"({rate:.1f} x real time)", end="", file=sys.stderr, flush=True)
-    if progress and len(starts) > 1:
-        print(file=sys.stderr)
-    return [np.concatenate(level) for level in zip(*pieces)]
-
-
-def decode_array(codec, codes, length: int, chunk_seconds: float = 30.0, rng=None) -> np.ndarray:
-    """Codes per level -> mono `[length]`, decoding in the same chunks `encode_array` used."""
+def _init_distributed(args) -> None:
+    explicit = args.coordinator_address is not None or args.num_processes is not None
+    if not (args.distributed or explicit):
+        return
     import jax
 
-    chunk = _chunk_samples(codec, chunk_seconds)
-    hop = codec.config.hop_length
-    out = []
-    for i, start in enumerate(range(0, codec.config.padded_length(length), chunk)):
-        frames = [slice(start // hop // s, (start + chunk) // hop // s) for s in codec.config.vq_strides]
-        part = [c[None, f] for c, f in zip(codes, frames)]
-        key = None if rng is None else jax.random.fold_in(rng, i)
-        out.append(np.asarray(codec.decode(part, rng=key))[0])
-    return np.concatenate(out)[:length]
+    if explicit:
+        if None in (args.coordinator_address, args.num_processes, args.process_id):
+            from codec_jax.errors import UsageError
+
+            raise UsageError("--coordinator-address, --num-processes and --process-id go together")
+        # CPU processes need a collectives backend for the coordination barrier.
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
+        jax.distributed.initialize(coordinator_address=args.coordinator_address,
+                                   num_processes=args.num_processes, process_id=args.process_id)
+    else:
+        jax.distributed.initialize()
 
 
-def _model_arg(parser):
-    parser.add_argument("model", help="SNAC directory, a directory from `codec-jax convert`, or a preset")
-    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
-    parser.add_argument("--chunk-seconds", type=float, default=30.0,
-                        help="code long files in chunks of this length (bounded memory)")
-    parser.add_argument("--overwrite", action="store_true", help="replace existing output files")
+@contextlib.contextmanager
+def _sigterm_as_interrupt():
+    """SIGTERM (a scheduler's kill, `timeout`) unwinds like Ctrl-C, so the job removes its
+    temporary files instead of dying mid-write."""
+    def handler(signum, frame):
+        raise KeyboardInterrupt
+
+    try:
+        old = signal.signal(signal.SIGTERM, handler)
+    except ValueError:  # not the main thread: leave signals alone
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, old)
+
+
+def _load_model(model: str, dtype: str):
+    import codec_jax
+    from codec_jax.errors import UsageError
+
+    try:
+        return codec_jax.load_pretrained(model, dtype=dtype)
+    except FileNotFoundError as e:
+        raise UsageError(str(e).strip("'\"")) from None
+
+
+def _model_name(model: str) -> str:
+    return os.path.basename(os.path.normpath(model))
 
 
 def encode_main(argv):
-    p = argparse.ArgumentParser(prog="codec-jax encode", description="audio file(s) -> codes (.npz)")
-    _model_arg(p)
-    p.add_argument("inputs", nargs="+", help="audio files")
-    p.add_argument("-o", "--output-dir", required=True, help="one <name>.npz per input")
+    p = argparse.ArgumentParser(
+        prog="codec-jax encode",
+        description="audio files -> codes: one .snac file per input (mirroring the inputs' "
+                    "relative paths) or array_record shards; resumable, bad files skipped "
+                    "and reported (exit status 1 if any failed)")
+    _model_args(p)
+    p.add_argument("inputs", nargs="+", metavar="INPUT",
+                   help="audio file, directory (recursive) or @list.txt (one path per line)")
+    p.add_argument("-o", "--output-dir", required=True)
+    p.add_argument("--format", choices=["files", "shards"], default="files",
+                   help="files: OUTDIR/<relpath>.snac; shards: array_record shards + index + "
+                        "manifest.json for language-model training")
+    p.add_argument("--channels", choices=["mix", "separate"], default="mix",
+                   help="mix: average channels to mono; separate: one code stream per channel")
+    p.add_argument("--workers", type=int, default=min(os.cpu_count() or 1, 8),
+                   help="decode/resample processes (0: in the main process)")
+    p.add_argument("--shard-size", type=int, default=1024, help="records per shard")
+    p.add_argument("--resample-quality", default="HQ", choices=["QQ", "LQ", "MQ", "HQ", "VHQ"])
+    p.add_argument("--overwrite", action="store_true",
+                   help="code again files (or this process's shards) that are already done")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    _batch_args(p)
     args = p.parse_args(argv)
-    import codec_jax
 
-    codec = codec_jax.load_pretrained(args.model, dtype=args.dtype)
-    for path in args.inputs:
-        audio = _read_audio(path, codec.sample_rate)
-        t0 = time.perf_counter()
-        codes = encode_array(codec, audio, args.chunk_seconds)
-        seconds = len(audio) / codec.sample_rate
-        target = Path(args.output_dir) / (Path(path).stem + ".npz")
-        payload = {f"codes_{i}": c for i, c in enumerate(codes)}
-        payload["length"] = np.int64(len(audio))
-        payload["config"] = np.array(json.dumps(codec.config.to_dict()))
-        payload["chunk_seconds"] = np.float64(args.chunk_seconds)
-        _atomic_write(target, args.overwrite, lambda tmp: np.savez(open(tmp, "wb"), **payload))
-        print(f"{path}: {seconds:.2f} s -> {target} "
-              f"({', '.join(str(len(c)) for c in codes)} frames, "
-              f"{codec.config.bitrate() / 1000:.2f} kbps, {time.perf_counter() - t0:.2f} s)")
-    return 0
+    from codec_jax import corpus
+    from codec_jax.audio import io as audio_io
+
+    files = corpus.collect_inputs(args.inputs, audio_io.SOUNDFILE_EXTENSIONS)
+    if not files:
+        from codec_jax.errors import UsageError
+
+        raise UsageError(f"no audio files in {' '.join(args.inputs)}")
+    with _sigterm_as_interrupt():
+        _init_distributed(args)
+        codec = _load_model(args.model, args.dtype)
+        options = corpus.EncodeOptions(
+            output_dir=args.output_dir, format=args.format, channels=args.channels,
+            batch_size=args.batch_size, window_seconds=args.window_seconds, buckets=args.buckets,
+            workers=args.workers, overwrite=args.overwrite, shard_size=args.shard_size,
+            resample_quality=args.resample_quality, progress=not args.no_progress,
+            max_devices=args.max_devices)
+        report = corpus.encode_corpus(codec, _model_name(args.model), files, options)
+    print(report.summary(), file=sys.stderr)
+    return 1 if report.failed else 0
 
 
 def decode_main(argv):
-    p = argparse.ArgumentParser(prog="codec-jax decode", description="codes (.npz) -> audio file")
-    _model_arg(p)
-    p.add_argument("codes", help=".npz written by `codec-jax encode`")
-    p.add_argument("-o", "--output", required=True, help="audio file (.wav, .flac, .ogg)")
-    p.add_argument("--noise-seed", type=int, default=None,
-                   help="sample the decoder's noise blocks with this seed (default: no noise)")
+    p = argparse.ArgumentParser(
+        prog="codec-jax decode",
+        description="codes (.snac) -> audio at the model's rate, mirroring the codes' relative "
+                    "paths; refuses codes made by another model unless --force")
+    _model_args(p)
+    p.add_argument("codes", nargs="+", metavar="CODES",
+                   help=".snac file, directory (recursive) or @list.txt")
+    p.add_argument("-o", "--output-dir", required=True)
+    p.add_argument("--audio-format", default=None,
+                   help="output extension (wav, flac, ogg, mp3, aiff); default: the source's")
+    p.add_argument("--force", action="store_true",
+                   help="decode codes made by another model of the same architecture")
+    p.add_argument("--overwrite", action="store_true", help="replace existing audio files")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    _batch_args(p)
     args = p.parse_args(argv)
-    import jax
 
-    import codec_jax
-    from codec_jax.config import SNACConfig
+    from codec_jax import corpus
+    from codec_jax.audio import codes_file
 
-    codec = codec_jax.load_pretrained(args.model, dtype=args.dtype)
-    with np.load(args.codes) as data:
-        stored = SNACConfig.from_dict(json.loads(str(data["config"])))
-        if stored != codec.config:
-            raise SystemExit(f"codec-jax: {args.codes} was made by a model with config {stored}, "
-                             f"not {codec.config}")
-        codes = [data[f"codes_{i}"] for i in range(codec.config.n_levels) if f"codes_{i}" in data]
-        length = int(data["length"])
-        chunk_seconds = float(data["chunk_seconds"])
-    rng = None if args.noise_seed is None else jax.random.key(args.noise_seed)
-    audio = decode_array(codec, codes, length, chunk_seconds, rng)
-    _write_audio(Path(args.output), audio, codec.sample_rate, args.overwrite)
-    print(f"{args.codes} -> {args.output} ({length / codec.sample_rate:.2f} s)")
-    return 0
+    corpus.check_audio_format(args.audio_format)  # before loading anything
+    files = corpus.collect_inputs(args.codes, (codes_file.SUFFIX,))
+    with _sigterm_as_interrupt():
+        _init_distributed(args)
+        codec = _load_model(args.model, args.dtype)
+        options = corpus.DecodeOptions(
+            output_dir=args.output_dir, audio_format=args.audio_format,
+            batch_size=args.batch_size, window_seconds=args.window_seconds, buckets=args.buckets,
+            overwrite=args.overwrite, force=args.force, progress=not args.no_progress,
+            max_devices=args.max_devices)
+        report = corpus.decode_corpus(codec, files, options)
+    print(report.summary(), file=sys.stderr)
+    return 1 if report.failed else 0
 
 
 def roundtrip_main(argv):
     p = argparse.ArgumentParser(prog="codec-jax roundtrip",
                                 description="encode + decode an audio file and report quality")
-    _model_arg(p)
+    _model_args(p)
     p.add_argument("input", help="audio file")
     p.add_argument("-o", "--output", required=True, help="reconstructed audio file")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output")
     args = p.parse_args(argv)
-    import codec_jax
+    import time
 
-    codec = codec_jax.load_pretrained(args.model, dtype=args.dtype)
-    audio = _read_audio(args.input, codec.sample_rate)
+    import numpy as np
+    import soundfile as sf
+
+    from codec_jax import corpus
+    from codec_jax.audio import io as audio_io
+    from codec_jax.errors import UsageError, WorkError
+
+    out_ext = corpus.check_audio_format(os.path.splitext(args.output)[1] or ".wav")
+    if os.path.exists(args.output) and not args.overwrite:
+        raise UsageError(f"{args.output} exists; pass --overwrite to replace it")
+    codec = _load_model(args.model, args.dtype)
+    try:
+        audio = audio_io.read_audio(args.input, target_sample_rate=codec.sample_rate,
+                                    dtype="float32", mix=True).pcm[:, 0]
+    except audio_io.AudioReadError as e:
+        raise WorkError(str(e)) from None
     t0 = time.perf_counter()
-    codes = encode_array(codec, audio, args.chunk_seconds)
+    codes = codec.encode(audio[None])
+    codes = [np.asarray(c) for c in codes]
     t1 = time.perf_counter()
-    out = decode_array(codec, codes, len(audio), args.chunk_seconds)
+    out = np.asarray(codec.decode(codes, length=len(audio)))[0]
     t2 = time.perf_counter()
-    _write_audio(Path(args.output), out, codec.sample_rate, args.overwrite)
+    with audio_io.atomic_output(args.output) as tmp:
+        sf.write(tmp, out, codec.sample_rate, format=corpus.WRITABLE_EXTENSIONS[out_ext])
     seconds = len(audio) / codec.sample_rate
     err = out - audio
     snr = 10 * np.log10(np.sum(audio ** 2) / max(np.sum(err ** 2), 1e-20))
