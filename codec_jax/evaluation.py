@@ -450,50 +450,21 @@ def code_statistics(counts: np.ndarray) -> dict[str, float]:
 # ---------------------------------------------------------------------- inputs and model
 
 
-def expand_inputs(inputs: Sequence[str]) -> list[str]:
+def expand_inputs(inputs: Sequence[str]):
     """Files, directories (searched recursively for audio) and `@list.txt` files (one path
-    per line, relative to the list's folder; blank lines and `#` comments skipped) -> paths,
-    in order, without duplicates."""
-    from codec_jax.audio.io import find_audio_files
+    per line, relative to the list's folder; `#` comments) -> `corpus.InputFile`s, as
+    `codec-jax encode-corpus` takes them: each with the `relpath` its outputs are named by.
+    A missing file, or no file at all, is a UsageError before any work."""
+    from codec_jax.audio.io import AUDIO_EXTENSIONS
+    from codec_jax.corpus import collect_inputs
 
-    out: list[str] = []
-
-    def add(path: str, origin: str) -> None:
-        if os.path.isdir(path):
-            found = find_audio_files(path)
-            if not found:
-                raise UsageError(f"{path}: no audio files in this directory")
-            out.extend(os.path.join(path, f) for f in found)
-        elif os.path.isfile(path):
-            out.append(path)
-        else:
-            raise UsageError(f"{path}: no such file or directory{origin}")
-
-    for item in inputs:
-        if item.startswith("@"):
-            listing = item[1:]
-            try:
-                lines = Path(listing).read_text().splitlines()
-            except OSError as e:
-                raise UsageError(f"{listing}: cannot read the file list ({e.strerror})") from None
-            base = os.path.dirname(os.path.abspath(listing))
-            for number, line in enumerate(lines, 1):
-                line = line.strip()
-                if line and not line.startswith("#"):
-                    add(line if os.path.isabs(line) else os.path.join(base, line),
-                        f" (line {number} of {listing})")
-        else:
-            add(item, "")
-    seen: set[str] = set()
-    unique = []
-    for p in out:
-        key = os.path.abspath(p)
-        if key not in seen:
-            seen.add(key)
-            unique.append(p)
-    if not unique:
-        raise UsageError("no input files")
-    return unique
+    files = collect_inputs(inputs, AUDIO_EXTENSIONS)
+    for f in files:
+        if not os.path.isfile(f.path):
+            raise UsageError(f"{f.path}: no such file")
+    if not files:
+        raise UsageError(f"no audio files in {' '.join(inputs)}")
+    return files
 
 
 def read_mono(path: str, sample_rate: int) -> np.ndarray:
@@ -501,10 +472,10 @@ def read_mono(path: str, sample_rate: int) -> np.ndarray:
     from codec_jax.audio import io as audio_io
 
     try:
-        decoded = audio_io.read_audio(path, target_sample_rate=sample_rate)
+        decoded = audio_io.read_audio(path, target_sample_rate=sample_rate, dtype="float32", mix=True)
     except audio_io.AudioReadError as e:
         raise WorkError(str(e)) from None
-    return audio_io.pcm16_to_float(decoded.pcm).mean(axis=1)
+    return decoded.pcm[:, 0]
 
 
 def model_identity(codec, source: str) -> dict[str, Any]:
@@ -648,13 +619,14 @@ def evaluate_codec(codec, inputs: Sequence[str], out_dir: str | os.PathLike, *,
     if settings.rank_by not in METRICS:
         raise UsageError(f"--rank-by must be one of {', '.join(METRICS)}, got {settings.rank_by!r}")
     visqol_mode = visqol_mode_for(sr, settings.visqol_mode) if settings.visqol else None
-    files = expand_inputs(inputs)
+    inputs_found = expand_inputs(inputs)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
 
     audio, kept_files, skipped = [], [], []
     shortest = min_samples()
-    for path in tqdm(files, desc="reading", disable=not settings.progress, file=sys.stderr):
+    for item in tqdm(inputs_found, desc="reading", disable=not settings.progress, file=sys.stderr):
+        path = item.path
         x = read_mono(path, sr)
         if x.shape[0] < shortest:
             # Too short for the 2048-sample mel window: left out and listed, not fatal, so
@@ -664,11 +636,11 @@ def evaluate_codec(codec, inputs: Sequence[str], out_dir: str | os.PathLike, *,
                   f"(the metrics need at least {shortest} samples)", file=sys.stderr)
             continue
         audio.append(x)
-        kept_files.append(path)
+        kept_files.append(item)
     if not audio:
         raise WorkError(f"every input file is shorter than {shortest} samples at {sr} Hz")
-    files = kept_files
-    names = _unique_names(files)
+    files = [item.path for item in kept_files]
+    names = [os.path.splitext(item.relpath)[0] for item in kept_files]  # unique by construction
 
     tasks = len(files) * len(levels)
     workers = min(os.cpu_count() or 1, tasks) if settings.workers is None else min(settings.workers, tasks)
@@ -813,16 +785,6 @@ def _json_default(value):
     if isinstance(value, tuple):
         return list(value)
     raise TypeError(f"not JSON serialisable: {type(value).__name__}")
-
-
-def _unique_names(files: Sequence[str]) -> list[str]:
-    """Readable, distinct file stems for output names (`a/x.wav`, `b/x.wav` -> `x`, `x-2`)."""
-    names, seen = [], {}
-    for f in files:
-        stem = Path(f).stem
-        seen[stem] = seen.get(stem, 0) + 1
-        names.append(stem if seen[stem] == 1 else f"{stem}-{seen[stem]}")
-    return names
 
 
 def _save_wav(path: Path, audio: np.ndarray, sample_rate: int) -> None:

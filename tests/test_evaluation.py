@@ -244,9 +244,11 @@ def test_expand_inputs_takes_files_directories_and_lists(tmp_path):
     listing = tmp_path / "list.txt"
     listing.write_text("# eval set\na.wav\n\nd/sub/c.wav\n")
     got = E.expand_inputs([f"@{listing}", str(tmp_path / "d"), str(tmp_path / "a.wav")])
-    assert [p.replace(str(tmp_path) + "/", "") for p in got] == ["a.wav", "d/sub/c.wav", "d/b.flac"]
+    # The same file twice (list and directory) is kept once; outputs are named by relpath.
+    assert [f.path.replace(str(tmp_path) + "/", "") for f in got] == ["a.wav", "d/b.flac", "d/sub/c.wav"]
+    assert [f.relpath for f in got] == ["a.wav", "b.flac", "d/sub/c.wav"]
     listing.write_text("a.wav\nmissing.wav\n")
-    with pytest.raises(UsageError, match=r"missing.wav: no such file or directory \(line 2 of"):
+    with pytest.raises(UsageError, match="missing.wav: no such file"):
         E.expand_inputs([f"@{listing}"])
     (tmp_path / "empty").mkdir()
     with pytest.raises(UsageError, match="no audio files"):

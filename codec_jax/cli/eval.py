@@ -37,7 +37,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model", help="SNAC directory, a directory from `codec-jax convert` or a "
                                  "training export, or a preset name")
     p.add_argument("inputs", nargs="+", metavar="INPUT",
-                   help="audio files, directories (searched recursively) or @list.txt")
+                   help="audio files, directories (searched recursively) or @list.txt "
+                        "(one path per line), as encode-corpus takes them")
     p.add_argument("--out", required=True, help="report directory")
     p.add_argument("--overwrite", action="store_true", help="replace a report already in --out")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
