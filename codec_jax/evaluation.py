@@ -252,8 +252,9 @@ def perceptual_metrics_one(reference: np.ndarray, estimate: np.ndarray, sample_r
         import pesq as pesq_lib
 
         try:
-            out["pesq_wb"] = float(pesq_lib.pesq(PESQ_RATE, _resample(reference, sample_rate, PESQ_RATE),
-                                                 _resample(estimate, sample_rate, PESQ_RATE), "wb"))
+            with np.errstate(invalid="ignore", divide="ignore"):  # pesq divides silence by its peak
+                out["pesq_wb"] = float(pesq_lib.pesq(PESQ_RATE, _resample(reference, sample_rate, PESQ_RATE),
+                                                     _resample(estimate, sample_rate, PESQ_RATE), "wb"))
         except pesq_lib.PesqError:  # no utterance found, or a clip too short for P.862
             out["pesq_wb"] = math.nan
     if stoi:
@@ -272,9 +273,14 @@ def perceptual_metrics_one(reference: np.ndarray, estimate: np.ndarray, sample_r
     if visqol_mode is not None:
         rate = VISQOL_RATES[visqol_mode]
         api = _visqol_api(visqol_mode)
-        result = api.measure_from_arrays(_resample(reference, sample_rate, rate),
-                                         _resample(estimate, sample_rate, rate), rate)
-        out["visqol"] = float(result.moslqo)
+        try:
+            result = api.measure_from_arrays(_resample(reference, sample_rate, rate),
+                                             _resample(estimate, sample_rate, rate), rate)
+            out["visqol"] = float(result.moslqo)
+        except (ValueError, IndexError):
+            # visqol-python's ways of saying a clip is shorter than one of its patches
+            # (ValueError in audio mode, an IndexError in speech mode, ~0.1 s clips).
+            out["visqol"] = math.nan
     return out
 
 

@@ -169,10 +169,14 @@ def test_visqol_audio_mode_resamples_to_48k_and_ranks_noise_below_identity():
     assert noisy < clean - 0.5
 
 
-def test_pesq_of_silence_is_undefined_not_an_error():
+def test_metrics_that_cannot_be_computed_are_undefined_not_errors():
     silence = np.zeros(SR, np.float32)
     values = E.perceptual_metrics_one(silence, silence, SR, stoi=False)
-    assert math.isnan(values["pesq_wb"])
+    assert math.isnan(values["pesq_wb"])  # P.862 finds no utterance
+    short = speech_like(0.1)
+    for mode in ("speech", "audio"):  # shorter than one ViSQOL patch; PESQ needs 0.25 s
+        values = E.perceptual_metrics_one(short, short, SR, stoi=False, visqol_mode=mode)
+        assert math.isnan(values["visqol"]) and math.isnan(values["pesq_wb"])
 
 
 def test_visqol_mode_follows_the_sample_rate():
