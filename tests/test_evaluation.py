@@ -70,6 +70,7 @@ def numpy_si_sdr(estimate: np.ndarray, reference: np.ndarray) -> float:
 # ------------------------------------------------------------------ spectral metrics
 
 
+@pytest.mark.slow  # three compilations of 7-scale mel graphs: ~15-50 s on 2 shared cores
 def test_spectral_metrics_of_a_padded_batch_equal_each_file_alone():
     """Rows of different lengths in one zero-padded batch give each file's own
     `losses.mel_spectrogram_loss`, `multi_resolution_stft_loss` and `si_sdr`."""
