@@ -8,6 +8,9 @@ after warm-up), the first call's time (compilation included) and peak device mem
   python bench/bench_codec.py --presets snac_24khz snac_32khz snac_44khz \
       --batches 1 16 64 --dtypes float32 bfloat16 --impls jax torch_eager torch_compile
 
+`--impls jax_lengths` times the same programs given per-row valid lengths (batch-invariant
+coding: activations beyond each row's end are masked), to compare with the plain `jax` row.
+
 Results are appended as JSON lines to --out and printed as a markdown table.
 """
 
@@ -44,7 +47,10 @@ def _variables(config):
     return _VARIABLES[config]
 
 
-def bench_jax(config, batch, seconds, dtype, repeats):
+def bench_jax(config, batch, seconds, dtype, repeats, with_lengths=False):
+    """`with_lengths`: pass per-row valid lengths (rows of 100 % down to ~50 % of the width), so
+    the model masks beyond each row's end (batch-invariant codes); the cost of that masking
+    is this row's time against the plain `jax` row."""
     import jax
     import jax.numpy as jnp
 
@@ -56,13 +62,18 @@ def bench_jax(config, batch, seconds, dtype, repeats):
     frames = config.frames_per_level(samples)
     codes = [jax.random.randint(jax.random.key(2 + i), (batch, f), 0, config.codebook_size, jnp.int32)
              for i, f in enumerate(frames)]
+    lengths = None
+    if with_lengths:
+        lengths = jnp.asarray([samples - i * samples // (2 * batch) for i in range(batch)], jnp.int32)
     results = {}
     for name, fn, arg in (
-        ("encode", lambda a: codec_jax.encode(variables, a, config=config, dtype=dtype), audio),
-        ("decode", lambda c: codec_jax.decode(variables, c, config=config, dtype=dtype), codes),
+        ("encode", lambda a: codec_jax.encode(variables, a, config=config, dtype=dtype,
+                                              lengths=lengths), audio),
+        ("decode", lambda c: codec_jax.decode(variables, c, config=config, dtype=dtype,
+                                              lengths=lengths), codes),
     ):
         jit_fn = codec_jax.encode if name == "encode" else codec_jax.decode
-        lowered = jit_fn.lower(variables, arg, config=config, dtype=dtype)
+        lowered = jit_fn.lower(variables, arg, config=config, dtype=dtype, lengths=lengths)
         t0 = time.perf_counter()
         compiled = lowered.compile()
         mem = compiled.memory_analysis()
@@ -142,10 +153,10 @@ def bench_torch(config, batches, seconds, dtype, repeats, compile_):
             yield batch, results, batch * samples / config.sampling_rate
 
 
-def bench_jax_batches(config, batches, seconds, dtype, repeats):
+def bench_jax_batches(config, batches, seconds, dtype, repeats, with_lengths=False):
     for batch in batches:
         try:
-            results, audio_s = bench_jax(config, batch, seconds, dtype, repeats)
+            results, audio_s = bench_jax(config, batch, seconds, dtype, repeats, with_lengths)
         except Exception as e:
             yield batch, e, None
         else:
@@ -173,8 +184,9 @@ def main():
         config = get_preset(preset)
         for impl in args.impls:
             for dtype in args.dtypes:
-                if impl == "jax":
-                    runs = bench_jax_batches(config, args.batches, args.seconds, dtype, args.repeats)
+                if impl in ("jax", "jax_lengths"):  # jax_lengths: per-row valid lengths (masked)
+                    runs = bench_jax_batches(config, args.batches, args.seconds, dtype, args.repeats,
+                                             with_lengths=impl == "jax_lengths")
                 else:
                     runs = bench_torch(config, args.batches, args.seconds, dtype, args.repeats,
                                        compile_=impl == "torch_compile")

@@ -210,24 +210,40 @@ def bench_torch_generator(preset: str, audio: np.ndarray, dtype: str, warmup: in
 # Full GAN step through the trainer
 # ---------------------------------------------------------------------------------------
 
-def gan_config(preset: str, batch: int, seconds: float, dtype: str, data: int):
+def gan_config(preset: str, batch: int, seconds: float, dtype: str, data: int,
+               overrides: tuple[str, ...] = ()):
+    """The preset's training config at this batch, exact crop and dtype; `overrides` are
+    `KEY=VALUE` strings (`discriminator.periods=(2, 3)`), values as Python literals."""
+    import ast
     import importlib
 
     module = importlib.import_module(f"codec_jax.configs.{preset}")
     c = module.get_config()
     c.train.batch_size = batch
-    c.data.crop_seconds = seconds
+    c.data.crop_seconds = seconds  # exact (not rounded to the padding multiple): as the rows above
     c.model.dtype = dtype
     c.mesh.data, c.mesh.fsdp = data, 1
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise SystemExit(f"--set expects KEY=VALUE, got {item!r}")
+        *sections, name = key.split(".")
+        node = c
+        for section in sections:
+            node = node[section]
+        try:
+            node[name] = ast.literal_eval(value)
+        except (ValueError, SyntaxError):
+            node[name] = value
     return c
 
 
-def compile_gan_step(preset: str, batch: int, seconds: float, dtype: str, devices: list
-                     ) -> dict[str, Any]:
+def compile_gan_step(preset: str, batch: int, seconds: float, dtype: str, devices: list,
+                     overrides: tuple[str, ...] = ()) -> dict[str, Any]:
     """Builds the trainer's state on `devices` and compiles its train step (no timing yet)."""
     from codec_jax.training import loop as trainer
 
-    config = gan_config(preset, batch, seconds, dtype, len(devices))
+    config = gan_config(preset, batch, seconds, dtype, len(devices), overrides)
     setup = trainer.create_training_setup(config, devices=devices)
     t0 = time.perf_counter()
     state = setup.init_state()
@@ -280,6 +296,9 @@ def main(argv=None) -> int:
     p.add_argument("--skip-gan", action="store_true")
     p.add_argument("--skip-generator", action="store_true",
                    help="only the GAN step rows (e.g. for a multi-device scaling run)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a key of the GAN step's training config, e.g. "
+                        "'discriminator.channel_scale=1.0' (repeatable)")
     p.add_argument("--json", default=None, help="also write the results here")
     args = p.parse_args(argv)
 
@@ -321,8 +340,8 @@ def main(argv=None) -> int:
         from concurrent.futures import ThreadPoolExecutor
 
         with ThreadPoolExecutor(len(jobs)) as pool:
-            futures = [pool.submit(compile_gan_step, args.preset, b, args.seconds, args.dtype, d)
-                       for b, d in jobs]
+            futures = [pool.submit(compile_gan_step, args.preset, b, args.seconds, args.dtype, d,
+                                   tuple(args.set)) for b, d in jobs]
             prepared = [f.result() for f in futures]
         add("jax GAN step (G+D, trainer)", time_gan_step(prepared[0], args.warmup, args.steps))
         if n > 1:

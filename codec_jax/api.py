@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import functools
 import os
-from pathlib import Path
 from typing import Any, Optional, Sequence
 
 import jax
@@ -17,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from codec_jax import checkpoint
-from codec_jax.config import SNACConfig, get_preset
+from codec_jax.config import PRESETS, SNACConfig, get_preset
 from codec_jax.errors import UsageError
 from codec_jax.nn.snac import SNAC, check_audio
 from codec_jax.nn.quantizer import QuantizerConfig
@@ -313,18 +312,26 @@ def load_pretrained(path: str | os.PathLike, dtype: str = "float32") -> Codec:
     - a directory written by `Codec.save` (orbax);
     - a preset name (`snac_24khz`, `snac_32khz`, `snac_44khz`, `tiny`) gives randomly
       initialised weights (no download ever happens).
+
+    Directories may be local or in a bucket (`gs://...`, read through etils.epath).
     """
-    p = Path(path)
+    from codec_jax.paths import as_path
+
+    p = as_path(path)
     if p.is_dir():
         if (p / checkpoint.PARAMS_SUBDIR).exists():
             config, variables, quantizer = checkpoint.load_converted(p)
             return Codec(config, variables, dtype=dtype, quantizer=quantizer)
         config, params = checkpoint.load_snac_directory(p)
         return Codec(config, {"params": params}, dtype=dtype)
+    from codec_jax.errors import PathNotFoundError
+
     if isinstance(path, str) and not os.sep in path:
         try:
             config = get_preset(path)
         except ValueError:
-            raise FileNotFoundError(f"{path!r} is neither a directory nor a preset name") from None
+            raise PathNotFoundError(
+                f"{path!r} is neither a model directory nor a preset name (presets: "
+                f"{', '.join(sorted(PRESETS))})") from None
         return Codec(config, init_variables(config), dtype=dtype)
-    raise FileNotFoundError(f"{path}: no such directory")
+    raise PathNotFoundError(f"{path}: no such model directory")

@@ -18,13 +18,18 @@ from typing import Any, Iterator
 import numpy as np
 
 from codec_jax.config import SNACConfig
+from codec_jax.errors import PathNotFoundError, WorkError
 
 
-class UnsafeCheckpointError(pickle.UnpicklingError):
+class UnsafeCheckpointError(WorkError, pickle.UnpicklingError):
     """The pickle asks for something other than tensors: it is not loaded."""
 
 
-class CheckpointMismatchError(ValueError):
+class CorruptCheckpointError(WorkError, ValueError):
+    """A checkpoint file cannot be read: truncated, garbled, or not the expected format."""
+
+
+class CheckpointMismatchError(WorkError, ValueError):
     """State dict keys or shapes do not match the architecture in `config.json`."""
 
 
@@ -65,13 +70,32 @@ class _Storage:
         self.array = array
 
 
+def _int_tuple(value, what: str) -> tuple[int, ...]:
+    if not isinstance(value, (tuple, list)) or not all(
+            isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in value):
+        raise pickle.UnpicklingError(f"tensor {what} {value!r} is not a tuple of integers >= 0")
+    return tuple(value)
+
+
 def _rebuild_tensor_v2(storage, storage_offset, size, stride, requires_grad=False,
                        backward_hooks=None, metadata=None):
+    # Every number comes from the (untrusted) pickle and goes into `as_strided`, which
+    # does no bounds checking: check them all so that the view stays inside the storage
+    # and no view holds more elements than its storage (no memory blow-up either).
+    if not isinstance(storage, _Storage):
+        raise pickle.UnpicklingError(f"tensor storage is a {type(storage).__name__}")
     flat = storage.array
     itemsize = flat.dtype.itemsize
-    size, stride = tuple(size), tuple(stride)
+    (storage_offset,) = _int_tuple((storage_offset,), "offset")
+    size, stride = _int_tuple(size, "size"), _int_tuple(stride, "stride")
+    if len(size) != len(stride):
+        raise pickle.UnpicklingError(f"tensor size {size} and stride {stride} differ in rank")
     if not size:
+        if storage_offset >= flat.size:
+            raise pickle.UnpicklingError("scalar tensor lies past the end of its storage")
         return np.array(flat[storage_offset])
+    if int(np.prod(size, dtype=object)) > flat.size:
+        raise pickle.UnpicklingError(f"tensor of shape {size} is larger than its storage")
     needed = storage_offset + sum((n - 1) * s for n, s in zip(size, stride)) + 1
     if min(size) > 0 and needed > flat.size:
         raise pickle.UnpicklingError("tensor view runs past the end of its storage")
@@ -135,19 +159,47 @@ class _RestrictedUnpickler(pickle.Unpickler):
 def load_torch_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
     """Read a `torch.save`d state dict (zip format) into numpy arrays, without torch.
 
-    Raises `UnsafeCheckpointError` if the pickle references anything but tensors.
+    Raises `UnsafeCheckpointError` if the pickle references anything but tensors, and
+    `CorruptCheckpointError` (a `ValueError`) for anything else wrong with the file:
+    truncated, garbled, not a zip archive, not a state dict of tensors.
     """
     path = Path(path)
+    try:
+        return _read_torch_archive(path)
+    except UnsafeCheckpointError:
+        raise
+    except CorruptCheckpointError:
+        raise
+    except (pickle.UnpicklingError, zipfile.BadZipFile, zipfile.LargeZipFile, EOFError,
+            ValueError, TypeError, KeyError, IndexError, AttributeError, OverflowError,
+            UnicodeDecodeError, NotImplementedError, RuntimeError, OSError) as e:
+        # What a damaged archive raises depends on where the damage is (zip directory,
+        # deflate stream, CRC, pickle opcodes, tensor metadata); all of it means "corrupt".
+        if isinstance(e, FileNotFoundError):
+            raise PathNotFoundError(f"{path}: no such file") from None
+        first = (str(e).strip().splitlines() or [""])[0][:200]
+        raise CorruptCheckpointError(
+            f"{path}: corrupt torch checkpoint ({type(e).__name__}: {first})") from e
+
+
+def _read_torch_archive(path: Path) -> dict[str, np.ndarray]:
     if not zipfile.is_zipfile(path):
-        raise ValueError(
+        raise CorruptCheckpointError(
             f"{path}: not a torch zip archive (torch >= 1.6 format). Legacy or corrupt files are "
             "not read; re-save with `torch.save(model.state_dict(), path)`."
         )
     with zipfile.ZipFile(path) as archive:
+        # torch stores its records uncompressed; a member that inflates far beyond the
+        # file's own size is a zip bomb, not a checkpoint.
+        limit = 64 * os.path.getsize(path) + 2**20
+        if sum(info.file_size for info in archive.infolist()) > limit:
+            raise CorruptCheckpointError(
+                f"{path}: the archive's members claim more than 64x the file's size")
         names = archive.namelist()
         pickles = [n for n in names if n.endswith("data.pkl")]
         if len(pickles) != 1:
-            raise ValueError(f"{path}: expected one data.pkl in the archive, found {pickles}")
+            raise CorruptCheckpointError(
+                f"{path}: expected one data.pkl in the archive, found {pickles}")
         prefix = pickles[0][: -len("data.pkl")]
         byteorder = "little"
         if prefix + "byteorder" in names:
@@ -162,11 +214,12 @@ def load_torch_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
         unpickler = _RestrictedUnpickler(io.BytesIO(archive.read(pickles[0])), read_record, str(path))
         state = unpickler.load()
     if not isinstance(state, dict):
-        raise ValueError(f"{path}: expected a state dict, found {type(state).__name__}")
+        raise CorruptCheckpointError(f"{path}: expected a state dict, found {type(state).__name__}")
     out = {}
     for key, value in state.items():
         if not isinstance(value, np.ndarray):
-            raise ValueError(f"{path}: entry {key!r} is not a tensor ({type(value).__name__})")
+            raise CorruptCheckpointError(
+                f"{path}: entry {key!r} is not a tensor ({type(value).__name__})")
         if byteorder == "big" and value.dtype.itemsize > 1:
             value = value.byteswap().view(value.dtype.newbyteorder())
         out[str(key)] = value
@@ -174,9 +227,19 @@ def load_torch_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
 
 
 def load_safetensors_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
+    """Read `model.safetensors` into numpy arrays; `CorruptCheckpointError` if the file
+    is truncated or its header is not valid."""
+    from safetensors import SafetensorError
     from safetensors.numpy import load_file
 
-    return dict(load_file(str(path)))
+    try:
+        return dict(load_file(str(path)))
+    except FileNotFoundError:
+        raise PathNotFoundError(f"{path}: no such file") from None
+    except (SafetensorError, ValueError, TypeError, OSError, OverflowError) as e:
+        first = (str(e).strip().splitlines() or [""])[0][:200]
+        raise CorruptCheckpointError(
+            f"{path}: corrupt safetensors file ({type(e).__name__}: {first})") from e
 
 
 # ---------------------------------------------------------------------------------------
@@ -359,17 +422,17 @@ def load_snac_directory(path: str | os.PathLike) -> tuple[SNACConfig, dict[str, 
     """Read `config.json` + (`model.safetensors` | `pytorch_model.bin`) -> (config, params)."""
     path = Path(path)
     if not path.is_dir():
-        raise FileNotFoundError(f"{path}: not a directory (expected a SNAC model directory)")
+        raise PathNotFoundError(f"{path}: not a directory (expected a SNAC model directory)")
     config_path = path / "config.json"
     if not config_path.exists():
-        raise FileNotFoundError(f"{path}: no config.json")
+        raise PathNotFoundError(f"{path}: no config.json")
     config = SNACConfig.from_json(config_path)
     if (path / "model.safetensors").exists():
         state = load_safetensors_state_dict(path / "model.safetensors")
     elif (path / "pytorch_model.bin").exists():
         state = load_torch_state_dict(path / "pytorch_model.bin")
     else:
-        raise FileNotFoundError(f"{path}: neither model.safetensors nor pytorch_model.bin found")
+        raise PathNotFoundError(f"{path}: neither model.safetensors nor pytorch_model.bin found")
     return config, state_dict_to_params(state, config)
 
 
@@ -384,11 +447,18 @@ def save_converted(path: str | os.PathLike, config: SNACConfig, variables: dict[
 
     import orbax.checkpoint as ocp
 
-    path = Path(path).absolute()
-    path.mkdir(parents=True, exist_ok=True)
-    config.to_json(path / "config.json")
-    if quantizer is not None:
-        (path / QUANTIZER_JSON).write_text(json.dumps(dataclasses.asdict(quantizer), indent=2))
+    import jax
+
+    from codec_jax.paths import as_path
+
+    path = as_path(path)  # local or gs://
+    # Every process takes part in the orbax save (each writes its own shards); the JSON
+    # files are written once.
+    if jax.process_index() == 0:
+        path.mkdir(parents=True, exist_ok=True)
+        config.to_json(path / "config.json")
+        if quantizer is not None:
+            (path / QUANTIZER_JSON).write_text(json.dumps(dataclasses.asdict(quantizer), indent=2))
     with ocp.StandardCheckpointer() as checkpointer:
         checkpointer.save(path / PARAMS_SUBDIR, variables, force=True)
 
@@ -400,15 +470,13 @@ def load_converted(path: str | os.PathLike):
     import orbax.checkpoint as ocp
 
     from codec_jax.nn.quantizer import QuantizerConfig
+    from codec_jax.paths import as_path
 
-    path = Path(path).absolute()
+    path = as_path(path)  # local or gs://
     config = SNACConfig.from_json(path / "config.json")
     quantizer = QuantizerConfig()
     if (path / QUANTIZER_JSON).exists():
-        fields = json.loads((path / QUANTIZER_JSON).read_text())
-        if fields.get("codebook_sizes") is not None:
-            fields["codebook_sizes"] = tuple(fields["codebook_sizes"])
-        quantizer = QuantizerConfig(**fields)
+        quantizer = QuantizerConfig.from_dict(json.loads((path / QUANTIZER_JSON).read_text()))
     with ocp.StandardCheckpointer() as checkpointer:
         variables = checkpointer.restore(path / PARAMS_SUBDIR)
     return config, variables, quantizer

@@ -25,6 +25,18 @@ SNAC_CONFIG_KEYS = (
 )
 
 
+def bits_per_frame(strides: Sequence[int], codebook_sizes: Sequence[int],
+                   n_levels: Optional[int] = None) -> float:
+    """Bits per finest latent frame carried by the first `n_levels` levels (all by default):
+    `sum(log2(codebook_size_l) / stride_l)`. The one bitrate formula of the project."""
+    n_levels = len(strides) if n_levels is None else n_levels
+    if not 1 <= n_levels <= len(strides):
+        raise ValueError(f"n_levels must be in [1, {len(strides)}], got {n_levels}")
+    if len(codebook_sizes) != len(strides):
+        raise ValueError(f"{len(codebook_sizes)} codebook sizes for {len(strides)} strides")
+    return sum(math.log2(k) / s for k, s in zip(codebook_sizes[:n_levels], strides[:n_levels]))
+
+
 @dataclasses.dataclass(frozen=True)
 class SNACConfig:
     """Architecture of a SNAC codec; field names and defaults are SNAC's own.
@@ -106,14 +118,16 @@ class SNACConfig:
             raise ValueError(f"a clip needs at least one sample, got length={length}")
         return tuple(self.frames_per_level(int(length)))
 
-    def bitrate(self, n_levels: Optional[int] = None) -> float:
-        """Bits per second carried by the first `n_levels` levels (all by default)."""
-        n_levels = self.n_levels if n_levels is None else n_levels
-        if not 1 <= n_levels <= self.n_levels:
-            raise ValueError(f"n_levels must be in [1, {self.n_levels}], got {n_levels}")
+    def bitrate(self, n_levels: Optional[int] = None,
+                codebook_sizes: Optional[Sequence[int]] = None) -> float:
+        """Bits per second carried by the first `n_levels` levels (all by default), each
+        level `l` coding `log2(codebook_sizes[l])` bits per code (default: `codebook_size`
+        for every level). A codec trained with per-level sizes has them in its
+        `QuantizerConfig`: `codec_jax.nn.quantizer.bitrate(config, quantizer=...)` passes them.
+        """
+        sizes = (self.codebook_size,) * self.n_levels if codebook_sizes is None else codebook_sizes
         frame_rate = self.sampling_rate / self.hop_length
-        bits = math.log2(self.codebook_size)
-        return sum(frame_rate / s * bits for s in self.vq_strides[:n_levels])
+        return frame_rate * bits_per_frame(self.vq_strides, sizes, n_levels)
 
     # ---- (de)serialisation ----------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
@@ -129,22 +143,39 @@ class SNACConfig:
             raise ValueError(
                 f"unknown SNAC config keys {unknown}; expected a subset of {list(SNAC_CONFIG_KEYS)}"
             )
+        # A config.json is user input: check the JSON types before the dataclass sees them.
+        def is_int(v):
+            return isinstance(v, int) and not isinstance(v, bool)
+
+        for name, value in data.items():
+            if name in ("noise", "depthwise"):
+                ok = isinstance(value, bool)
+            elif name in ("encoder_rates", "decoder_rates", "vq_strides"):
+                ok = isinstance(value, (list, tuple)) and all(is_int(v) for v in value)
+            elif name in ("latent_dim", "attn_window_size"):
+                ok = value is None or (is_int(value) and value >= 1)
+            else:
+                ok = is_int(value) and value >= 1
+            if not ok:
+                raise ValueError(f"SNAC config key {name!r} has an invalid value {value!r}")
         return cls(**data)
 
     @classmethod
     def from_json(cls, path: str | os.PathLike) -> "SNACConfig":
-        with open(path) as f:
-            try:
-                data = json.load(f)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}: not valid JSON ({e})") from None
+        from etils import epath  # local or gs:// paths
+
+        try:
+            data = json.loads(epath.Path(path).read_text())
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}: not valid JSON ({e})") from None
         if not isinstance(data, dict):
             raise ValueError(f"{path}: expected a JSON object of SNAC config keys")
         return cls.from_dict(data)
 
     def to_json(self, path: str | os.PathLike) -> None:
-        with open(path, "w") as f:
-            json.dump(self.to_dict(), f, indent=2)
+        from etils import epath  # local or gs:// paths
+
+        epath.Path(path).write_text(json.dumps(self.to_dict(), indent=2))
 
 
 PRESETS: dict[str, SNACConfig] = {
@@ -202,4 +233,6 @@ def get_preset(name: str) -> SNACConfig:
     try:
         return PRESETS[name]
     except KeyError:
-        raise ValueError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}") from None
+        from codec_jax.errors import UsageError  # a ValueError too
+
+        raise UsageError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}") from None

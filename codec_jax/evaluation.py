@@ -694,7 +694,7 @@ def evaluate_codec(codec, inputs: Sequence[str], out_dir: str | os.PathLike, *,
     for i, path in enumerate(files):
         for k in levels:
             row = {"file": path, "seconds": round(audio[i].shape[0] / sr, 4), "n_levels": k,
-                   "bitrate_bps": config.bitrate(k)}
+                   "bitrate_bps": _bitrate(codec, k)}
             row.update({m: math.nan for m in METRICS})
             row.update(spectral[(i, k)])
             row.update(perceptual.get((i, k), {}))
@@ -721,12 +721,12 @@ def evaluate_codec(codec, inputs: Sequence[str], out_dir: str | os.PathLike, *,
         "skipped": skipped,
         "total_seconds": float(sum(x.shape[0] for x in audio) / sr),
         "metrics": stats(rows),
-        "by_level": {str(k): {"bitrate_bps": config.bitrate(k),
+        "by_level": {str(k): {"bitrate_bps": _bitrate(codec, k),
                               "metrics": stats([r for r in rows_by_level if r["n_levels"] == k])}
                      for k in levels},
         "codes": {
             "levels": level_stats,
-            "nominal_bitrate_bps": config.bitrate(),
+            "nominal_bitrate_bps": _bitrate(codec),
             # What an ideal entropy coder of each level's empirical code distribution would
             # need (a lower bound for a static per-level code).
             "entropy_bitrate_bps": float(sum(s["entropy_bits"] * s["frame_rate_hz"] for s in level_stats)),
@@ -781,6 +781,14 @@ def format_summary(summary: Mapping[str, Any]) -> str:
                       for s in summary["codes"]["levels"])
     lines.append(f"  codes used / entropy: {usage}")
     return "\n".join(lines)
+
+
+def _bitrate(codec, n_levels: Optional[int] = None) -> float:
+    """Bits per second of the codec's first `n_levels` levels (the project's one formula,
+    with the quantizer's per-level codebook sizes)."""
+    from codec_jax.nn.quantizer import bitrate
+
+    return float(bitrate(codec.config, n_levels, quantizer=codec.quantizer))
 
 
 def _json_default(value):

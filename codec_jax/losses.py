@@ -138,8 +138,8 @@ def mel_spectrogram_loss(
       sample_rate: audio sample rate in Hz (places the mel filters).
       window_lengths, n_mels: per-scale STFT size and mel band count.
       mel_fmin, mel_fmax: mel filter range in Hz (``None`` = Nyquist).
-      window: ``"hann"``, or ``"sqrt_hann"`` to match DAC bit-for-bit: audiotools
-        fills DAC's unset ``window_type`` with its default ``sqrt_hann``.
+      window: ``"hann"`` is DAC's: it leaves ``window_type`` unset and audiotools fills
+        it with ``"hann"`` (checked against pip ``descript-audio-codec``).
 
     Returns:
       float32 scalar; 0 for identical inputs.

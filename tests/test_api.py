@@ -70,14 +70,26 @@ def test_functional_encode_compiles_once_per_shape():
         encode(variables, jnp.zeros((2, 7000)))  # a third shape exceeds the budget
 
 
-def test_public_jitted_functions_cache(codec):
-    """`codec_jax.encode` / `decode` reuse their compilation for repeated shapes."""
-    audio = jnp.zeros((1, 2000))
-    codec_jax.encode(codec.variables, audio, config=codec.config)
-    before = codec_jax.encode._cache_size()
+def test_public_jitted_functions_cache(codec, monkeypatch):
+    """`Codec.encode` / `codec_jax.encode` trace the model once per input shape: the static
+    arguments they pass (config, dtype, quantizer) must hash equal across calls."""
+    traces = []
+    original = models.SNAC.encode
+
+    def counting_encode(self, *args, **kwargs):
+        traces.append(args[0].shape)
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(models.SNAC, "encode", counting_encode)
+    audio = np.zeros((1, 2 * codec.config.pad_multiple + 17), np.float32)  # a shape no other test uses
     for seed in range(3):
-        codec_jax.encode(codec.variables, audio + seed, config=codec.config)
-    assert codec_jax.encode._cache_size() == before
+        codec.encode(audio + seed)
+    assert len(traces) == 1
+    for seed in range(3):  # the functional form: its own cache entry (other kwargs), once
+        codec_jax.encode(codec.variables, jnp.asarray(audio) + seed, config=codec.config)
+    assert len(traces) == 2
+    codec.encode(np.zeros((1, audio.shape[1] + 1), np.float32))
+    assert len(traces) == 3
 
 
 @pytest.mark.parametrize("bad, message", [
@@ -146,3 +158,77 @@ def test_ema_codec_encodes_decodes_and_round_trips(tmp_path):
     assert again.quantizer == quantizer
     np.testing.assert_array_equal(np.asarray(again.encode(audio)[1]), np.asarray(codes[1]))
     np.testing.assert_array_equal(np.asarray(again.decode(codes, length=3000)), out)
+
+
+@pytest.mark.parametrize("shape, message", [
+    ((4800, 2), r"looks like \[samples, channels\].*audio\.T"),  # soundfile's stereo layout
+    ((100,), r"\[batch, samples\].*encode_many"),
+    ((1, 2, 100), r"\[batch, samples\]"),
+])
+def test_layout_errors_name_the_expected_layout(codec, shape, message):
+    from codec_jax.errors import UsageError
+
+    with pytest.raises(UsageError, match=message):
+        codec.encode(np.zeros(shape, np.float32))
+
+
+def test_lengths_are_checked(codec):
+    from codec_jax.errors import UsageError
+
+    audio = np.zeros((2, 1000), np.float32)
+    for bad, message in [([1000], "one int per row"), ([0, 10], r"lengths\[0\]=0 is outside"),
+                         ([10, 1001], r"lengths\[1\]=1001"), ([1.5, 2], "whole numbers")]:
+        with pytest.raises(UsageError, match=message):
+            codec.encode(audio, lengths=bad)
+    codes = codec.encode(audio, lengths=[1000, 200])
+    assert [x.shape[1] for x in codes] == list(codec.config.num_frames(1000))
+    with pytest.raises(UsageError, match="outside"):
+        codec.decode(codes, lengths=[1000, 10 ** 6])
+
+
+def test_num_frames_is_what_encode_gives(codec):
+    c = codec.config
+    for length in (1, 2500):
+        codes = codec.encode(np.zeros((1, length), np.float32))
+        assert tuple(x.shape[1] for x in codes) == c.num_frames(length)
+    assert c.num_frames(c.pad_multiple + 1) == tuple(2 * c.pad_multiple // c.hop_length // s
+                                                     for s in c.vq_strides)
+    with pytest.raises(ValueError, match="at least one sample"):
+        c.num_frames(0)
+
+
+def test_other_sample_rates_are_resampled_with_soxr(codec):
+    import soxr
+
+    rng = np.random.default_rng(5)
+    rate = 44100
+    x = rng.normal(0, 0.2, int(0.3 * rate)).astype(np.float32)
+    y = soxr.resample(x, rate, codec.sample_rate)
+    assert codec.resampled_length(len(x), rate) == len(y)
+    want = [np.asarray(c) for c in codec.encode(y[None])]
+    got = [np.asarray(c) for c in codec.encode(x[None], sample_rate=rate)]
+    for a, b in zip(got, want):
+        np.testing.assert_array_equal(a, b)
+    # The model's own rate is no resampling; a batch with lengths resamples each valid part.
+    np.testing.assert_array_equal(np.asarray(codec.encode(y[None], sample_rate=codec.sample_rate)[0]),
+                                  want[0])
+    short = x[:5000]
+    batch = np.zeros((2, len(x)), np.float32)
+    batch[0], batch[1, :5000] = x, short
+    codes = [np.asarray(c) for c in codec.encode(batch, lengths=[len(x), 5000], sample_rate=rate)]
+    many = codec.encode_many([x, short], sample_rate=rate)
+    for row, n in enumerate((len(x), 5000)):
+        frames = codec.config.num_frames(codec.resampled_length(n, rate))
+        for level, f in enumerate(frames):
+            np.testing.assert_array_equal(codes[level][row, :f], many[row][level])
+
+
+def test_encode_many_checks_its_clips(codec):
+    from codec_jax.errors import UsageError
+
+    with pytest.raises(UsageError, match="at least one clip"):
+        codec.encode_many([])
+    with pytest.raises(UsageError, match=r"clips\[1\] must be a non-empty 1-D"):
+        codec.encode_many([np.zeros(10, np.float32), np.zeros((2, 10), np.float32)])
+    with pytest.raises(UsageError, match=r"clips\[0\] must be floating"):
+        codec.encode_many([np.zeros(10, np.int16)])

@@ -279,3 +279,21 @@ def test_chunk_bounds_cover_exactly():
         if m:
             assert all(e - s <= m for s, e in b)
             assert max(e - s for s, e in b) - min(e - s for s, e in b) <= 1
+
+
+def test_cli_library_and_builder_share_one_set_of_build_defaults():
+    # The defaults are written once (prepare.BuildDefaults); a default typed into one of the
+    # three layers would make `prepare-data` and `prepare_folder` build different datasets.
+    import dataclasses
+    import inspect
+
+    expected = dataclasses.asdict(prepare.DEFAULTS)
+    flags = {"sample_rate": "sample_rate", "validation_fraction": "validation_fraction",
+             "max_chunk_seconds": "max_chunk_seconds", "min_seconds": "min_seconds",
+             "resample_quality": "quality", "compression": "compression"}
+    args = prepare_cli._parser().parse_args(["src", "--name", "x"])
+    assert {k: getattr(args, flag) for k, flag in flags.items()} == expected
+    for fn in (prepare.prepare_folder, folder_builder.AudioFolderBuilder.__init__):
+        params = inspect.signature(fn).parameters
+        assert {k: params[k].default for k in expected} == expected, fn.__qualname__
+    assert f"default {expected['sample_rate']}" in prepare_cli._parser().format_help()

@@ -1,10 +1,10 @@
 """Tests for codec_jax.nn.discriminators.
 
-Parity tests port random weights from small PyTorch transcriptions of the
-reference modules (DAC ``MPD`` / ``MRD``, EnCodec ``DiscriminatorSTFT``, written
-NCHW with torch's weight_norm exactly as the references build them) and compare
-every feature map. Parameters are built from the torch modules rather than with
-``Discriminator.init`` because compiling Flax's per-parameter RNG init dominates
+Parity tests copy the weights of the reference packages' own modules (pip
+`descript-audio-codec`'s `Discriminator` = MPD + MRD, pip `encodec`'s
+`MultiScaleSTFTDiscriminator`; see tests/torch_oracles.py) into ours and compare every
+feature map and the input gradient. Parameters are built from the torch modules rather
+than with `Discriminator.init` because compiling Flax's per-parameter RNG init dominates
 CPU test time.
 """
 
@@ -17,152 +17,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
-from torch import nn as tnn
-from torch.nn.utils.parametrizations import weight_norm
 
 from codec_jax import losses
-from codec_jax.nn.discriminators import (
-    DAC_BANDS,
-    Discriminator,
-    MultiBandSTFTDiscriminator,
-    PeriodDiscriminator,
-    STFTDiscriminator,
-    dac_aligned_stft,
-)
-
-# --------------------------------------------------------------------------------------
-# PyTorch references (NCHW: [batch, channels, time, width])
-# --------------------------------------------------------------------------------------
-
-
-def _wn_conv(*args, **kwargs) -> tnn.Module:
-    conv = weight_norm(tnn.Conv2d(*args, **kwargs))
-    # Move the magnitude away from ||v|| so the test exercises the normalisation.
-    with torch.no_grad():
-        conv.parametrizations.weight.original0.mul_(torch.empty_like(conv.parametrizations.weight.original0).uniform_(0.5, 1.5))
-    return conv
-
-
-class TorchMPD(tnn.Module):
-    def __init__(self, period, channels):
-        super().__init__()
-        self.period = period
-        widths = [1, *channels]
-        self.convs = tnn.ModuleList(
-            [_wn_conv(widths[i], widths[i + 1], (5, 1), (3, 1) if i < len(channels) - 1 else 1, padding=(2, 0)) for i in range(len(channels))]
-        )
-        self.conv_post = _wn_conv(channels[-1], 1, (3, 1), padding=(1, 0))
-
-    def forward(self, x):
-        x = x[:, None]
-        x = F.pad(x, (0, self.period - x.shape[-1] % self.period), mode="reflect")
-        x = x.reshape(x.shape[0], 1, -1, self.period)
-        fmap = []
-        for conv in self.convs:
-            x = F.leaky_relu(conv(x), 0.1)
-            fmap.append(x)
-        fmap.append(self.conv_post(x))
-        return fmap
-
-
-class TorchMRD(tnn.Module):
-    def __init__(self, window_length, channels, bands=DAC_BANDS):
-        super().__init__()
-        self.window_length = window_length
-        num_bins = window_length // 2 + 1
-        self.bands = [(int(lo * num_bins), int(hi * num_bins)) for lo, hi in bands]
-        ch = channels
-
-        def stack():
-            return tnn.ModuleList(
-                [
-                    _wn_conv(2, ch, (3, 9), (1, 1), padding=(1, 4)),
-                    _wn_conv(ch, ch, (3, 9), (1, 2), padding=(1, 4)),
-                    _wn_conv(ch, ch, (3, 9), (1, 2), padding=(1, 4)),
-                    _wn_conv(ch, ch, (3, 9), (1, 2), padding=(1, 4)),
-                    _wn_conv(ch, ch, (3, 3), (1, 1), padding=(1, 1)),
-                ]
-            )
-
-        self.band_convs = tnn.ModuleList([stack() for _ in self.bands])
-        self.conv_post = _wn_conv(ch, 1, (3, 3), (1, 1), padding=(1, 1))
-
-    def spectrogram(self, x):
-        # audiotools AudioSignal.stft with match_stride=True and its default sqrt-hann window.
-        hop = self.window_length // 4
-        length = x.shape[-1]
-        right_pad = math.ceil(length / hop) * hop - length
-        pad = (self.window_length - hop) // 2
-        x = F.pad(x[:, None], (pad, pad + right_pad), mode="reflect")[:, 0]
-        window = torch.hann_window(self.window_length).sqrt()
-        spec = torch.stft(x, self.window_length, hop, window=window, center=True, return_complex=True)[..., 2:-2]
-        return torch.view_as_real(spec).permute(0, 3, 2, 1)  # b f t c -> b c t f
-
-    def forward(self, x):
-        x = self.spectrogram(x)
-        fmap, outs = [], []
-        for (lo, hi), stack in zip(self.bands, self.band_convs):
-            band = x[..., lo:hi]
-            for conv in stack:
-                band = F.leaky_relu(conv(band), 0.1)
-                fmap.append(band)
-            outs.append(band)
-        fmap.append(self.conv_post(torch.cat(outs, dim=-1)))
-        return fmap
-
-
-class TorchEncodecSTFTD(tnn.Module):
-    def __init__(self, n_fft, filters, dilations=(1, 2, 4)):
-        super().__init__()
-        self.n_fft = n_fft
-        # EnCodec's first NormConv2d gets no norm argument: a plain conv.
-        self.convs = tnn.ModuleList([tnn.Conv2d(2, filters, (3, 9), padding=(1, 4))])
-        for d in dilations:
-            self.convs.append(_wn_conv(filters, filters, (3, 9), stride=(1, 2), dilation=(d, 1), padding=(d, 4)))
-        self.convs.append(_wn_conv(filters, filters, (3, 3), padding=(1, 1)))
-        self.conv_post = _wn_conv(filters, 1, (3, 3), padding=(1, 1))
-
-    def forward(self, x):
-        window = torch.hann_window(self.n_fft)
-        # torchaudio Spectrogram(normalized=True, center=False, power=None).
-        spec = torch.stft(x, self.n_fft, self.n_fft // 4, window=window, center=False, return_complex=True) / window.pow(2).sum().sqrt()
-        z = torch.cat([spec.real[:, None], spec.imag[:, None]], dim=1).permute(0, 1, 3, 2)  # b c w t -> b c t w
-        fmap = []
-        for conv in self.convs:
-            z = F.leaky_relu(conv(z), 0.2)
-            fmap.append(z)
-        fmap.append(self.conv_post(z))
-        return fmap
-
-
-def _conv_params(conv: tnn.Module) -> dict:
-    to_hwio = lambda w: jnp.asarray(w.detach().permute(2, 3, 1, 0).numpy())  # noqa: E731
-    if hasattr(conv, "parametrizations"):
-        return {
-            "direction": to_hwio(conv.parametrizations.weight.original1),
-            "magnitude": jnp.asarray(conv.parametrizations.weight.original0.detach().flatten().numpy()),
-            "bias": jnp.asarray(conv.bias.detach().numpy()),
-        }
-    return {"kernel": to_hwio(conv.weight), "bias": jnp.asarray(conv.bias.detach().numpy())}
-
-
-def _mpd_params(ref: TorchMPD) -> dict:
-    params = {f"conv_{i}": _conv_params(conv) for i, conv in enumerate(ref.convs)}
-    params["conv_post"] = _conv_params(ref.conv_post)
-    return params
-
-
-def _mrd_params(ref: TorchMRD) -> dict:
-    params = {f"band_{b}_conv_{l}": _conv_params(conv) for b, stack in enumerate(ref.band_convs) for l, conv in enumerate(stack)}
-    params["conv_post"] = _conv_params(ref.conv_post)
-    return params
-
-
-def _stftd_params(ref: TorchEncodecSTFTD) -> dict:
-    params = {f"conv_{i}": _conv_params(conv) for i, conv in enumerate(ref.convs)}
-    params["conv_post"] = _conv_params(ref.conv_post)
-    return params
+from codec_jax.nn.discriminators import DAC_BANDS, Discriminator, dac_aligned_stft
+from torch_oracles import conv2d_params, import_reference, perturb_weight_norm_magnitudes
 
 
 def _audio(batch=2, samples=4096, seed=0) -> np.ndarray:
@@ -170,68 +28,81 @@ def _audio(batch=2, samples=4096, seed=0) -> np.ndarray:
 
 
 def _assert_parity(module, params, reference, audio):
-    """Feature maps and d(mean logit)/d(audio) agree with the torch reference."""
-    apply = jax.jit(module.apply)
-    ours = apply({"params": params}, audio)
+    """Feature maps and d(sum of mean logits)/d(audio) agree with the torch reference.
+
+    `reference(audio_torch)` returns one list of NCHW feature maps (logits last) per
+    sub-discriminator, in our `names()` order."""
+    ours = jax.jit(module.apply)({"params": params}, audio)
     audio_torch = torch.from_numpy(audio).requires_grad_(True)
     theirs = reference(audio_torch)
-    _assert_maps_match(ours, theirs)
-    theirs[-1].mean().backward()
-    grad = jax.jit(jax.grad(lambda x: jnp.mean(module.apply({"params": params}, x)[-1])))(audio)
+    assert len(ours) == len(theirs)
+    for name, mine, maps in zip(module.names(), ours, theirs):
+        assert len(mine) == len(maps), name
+        for index, (a, b) in enumerate(zip(mine, maps)):
+            b = b.detach().permute(0, 2, 3, 1).numpy()  # NCHW -> NHWC
+            assert a.shape == b.shape, (name, index, a.shape, b.shape)
+            np.testing.assert_allclose(np.asarray(a), b, atol=2e-4 * np.abs(b).max(),
+                                       err_msg=f"{name} feature map {index}")
+    sum(maps[-1].mean() for maps in theirs).backward()
+    grad = jax.jit(jax.grad(lambda x: sum(jnp.mean(maps[-1]) for maps in module.apply({"params": params}, x))))(audio)
     expected = audio_torch.grad.numpy()
     assert np.abs(expected).max() > 0.0
     np.testing.assert_allclose(np.asarray(grad), expected, atol=1e-3 * np.abs(expected).max())
     return ours
 
 
-def _assert_maps_match(ours, reference, rtol=2e-4):
-    assert len(ours) == len(reference)
-    for index, (mine, theirs) in enumerate(zip(ours, reference)):
-        theirs = theirs.detach().permute(0, 2, 3, 1).numpy()  # NCHW -> NHWC
-        assert mine.shape == theirs.shape, (index, mine.shape, theirs.shape)
-        np.testing.assert_allclose(np.asarray(mine), theirs, atol=rtol * np.abs(theirs).max(), err_msg=f"feature map {index}")
-
-
-# --------------------------------------------------------------------------------------
-# Parity with the references
-# --------------------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize("period, samples", [(3, 4000), (2, 4096)])  # 4096 % 2 == 0: DAC pads a full period
-def test_period_discriminator_matches_dac_mpd(period, samples):
+def test_mpd_and_mrd_match_dac_discriminator():
+    """DAC's own `Discriminator(rates=[], periods, fft_sizes)` at full width: its input
+    normalisation, MPD (4000 % 2 == 0: DAC pads a whole period) and the five-band MRD."""
+    dac = import_reference("dac.model.discriminator", "descript-audio-codec")
     torch.manual_seed(0)
-    channels = (4, 8, 16, 16, 16)
-    reference = TorchMPD(period, channels)
+    reference = dac.Discriminator(rates=[], periods=[2, 3], fft_sizes=[512], sample_rate=16000)
+    perturb_weight_norm_magnitudes(reference, seed=0)
+    module = Discriminator(kinds=("mpd", "mrd"), periods=(2, 3), mrd_window_lengths=(512,))
+    params = {}
+    for name, disc in zip(module.names(), reference.discriminators):
+        if name.startswith("mpd"):
+            convs = [layer[0] for layer in disc.convs]
+            params[name] = {f"conv_{i}": conv2d_params(c) for i, c in enumerate(convs)}
+        else:
+            params[name] = {f"band_{b}_conv_{i}": conv2d_params(layer[0])
+                            for b, stack in enumerate(disc.band_convs) for i, layer in enumerate(stack)}
+        params[name]["conv_post"] = conv2d_params(disc.conv_post)
+    samples = 4000
     audio = _audio(samples=samples)
-    ours = _assert_parity(PeriodDiscriminator(period, channels), _mpd_params(reference), reference, audio)
-    rows = samples // period + 1
+    ours = _assert_parity(module, params, lambda x: reference(x[:, None]), audio)
+    rows = samples // 2 + 1
     for _ in range(4):
         rows = math.ceil(rows / 3)
-    assert ours[-1].shape == (2, rows, period, 1)
+    assert ours[0][-1].shape == (2, rows, 2, 1)
+    mrd = ours[2]
+    assert len(mrd) == 5 * len(DAC_BANDS) + 1 and mrd[-1].shape[:2] == (2, math.ceil(samples / 128))
 
 
-def test_multiband_stft_discriminator_matches_dac_mrd():
-    torch.manual_seed(1)
-    reference = TorchMRD(512, channels=4)
-    audio = _audio(samples=3000)
-    module = MultiBandSTFTDiscriminator(512, channels=4)
-    ours = _assert_parity(module, _mrd_params(reference), reference, audio)
-    assert len(ours) == 5 * len(DAC_BANDS) + 1
-    assert ours[-1].shape[:2] == (2, math.ceil(3000 / 128))
-    widths = [hi - lo for lo, hi in module.band_bins()]
-    assert sum(widths) == 257 and widths[0] == 25
-    assert ours[-1].shape[2] == sum(math.ceil(w / 8) for w in widths)
-
-
-def test_stft_discriminator_matches_encodec_msstftd():
+def test_msstft_matches_encodec_multiscale_stft_discriminator():
+    encodec = import_reference("encodec.msstftd", "encodec")
     torch.manual_seed(2)
-    reference = TorchEncodecSTFTD(512, filters=4)
-    audio = _audio(samples=3000)
-    module = STFTDiscriminator(512, filters=4)
-    params = _stftd_params(reference)
-    assert "direction" not in params["conv_0"] and "direction" in params["conv_1"]
-    ours = _assert_parity(module, params, reference, audio)
-    assert ours[-1].shape == (2, 1 + (3000 - 512) // 128, math.ceil(257 / 8), 1)
+    n_ffts = [512, 256]
+    reference = encodec.MultiScaleSTFTDiscriminator(
+        filters=4, n_ffts=n_ffts, hop_lengths=[n // 4 for n in n_ffts], win_lengths=n_ffts)
+    perturb_weight_norm_magnitudes(reference, seed=2)
+    # EnCodec normalises nothing: the input goes straight to the spectrogram.
+    module = Discriminator(kinds=("msstft",), msstft_n_ffts=tuple(n_ffts), channel_scale=4 / 32,
+                           normalize_input=False)
+    params = {}
+    for name, disc in zip(module.names(), reference.discriminators):
+        params[name] = {f"conv_{i}": conv2d_params(c.conv) for i, c in enumerate(disc.convs)}
+        params[name]["conv_post"] = conv2d_params(disc.conv_post.conv)
+    # EnCodec's first conv has no weight norm; the others do.
+    assert "kernel" in params["msstft_512"]["conv_0"] and "direction" in params["msstft_512"]["conv_1"]
+
+    def run_reference(x):
+        logits, fmaps = reference(x[:, None])
+        return [fmap + [logit] for logit, fmap in zip(logits, fmaps)]
+
+    samples = 3000
+    ours = _assert_parity(module, params, run_reference, _audio(samples=samples))
+    assert ours[0][-1].shape == (2, 1 + (samples - 512) // 128, math.ceil(257 / 8), 1)
 
 
 def test_dac_aligned_stft_frames_match_conv_stride():

@@ -377,7 +377,7 @@ def test_trainer_eval_logs_perceptual_metrics_when_enabled(tmp_path, enabled):
     def fake_eval_step(state, batch):  # stands in for the generator: a fixed degradation
         return {"mel": jnp.float32(1.0)}, degrade(batch["audio"])
 
-    writer = tm.MetricWriter(str(tmp_path), jsonl=True)
+    writer = tm.create_writer(str(tmp_path), jsonl=True)
     loop._evaluate(config, None, fake_eval_step, shard_lib.create_mesh(-1, 1), writer, 5)
     writer.close()
     row = json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[-1])

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 
 import jax
 import jax.numpy as jnp
@@ -13,6 +12,7 @@ import torch
 from codec_jax import losses
 from codec_jax.training.balancer import Balancer
 from codec_jax.audio.spectral import frame_signal, hz_to_mel, mel_filterbank, mel_to_hz, safe_magnitude, stft, window_function
+from torch_oracles import import_reference
 
 SAMPLE_RATE = 16000
 
@@ -120,35 +120,14 @@ def test_slaney_mel_scale_known_values():
     np.testing.assert_allclose(mel_to_hz(hz_to_mel(frequencies)), frequencies, rtol=1e-12, atol=1e-9)
 
 
-def _reference_filterbank(sample_rate, n_fft, n_mels, fmin, fmax):
-    """Slaney filterbank from its textbook definition, one filter and bin at a time."""
-
-    def to_mel(f):
-        return f / (200.0 / 3.0) if f < 1000.0 else 15.0 + math.log(f / 1000.0) * 27.0 / math.log(6.4)
-
-    def to_hz(m):
-        return m * (200.0 / 3.0) if m < 15.0 else 1000.0 * math.exp((m - 15.0) * math.log(6.4) / 27.0)
-
-    low, high = to_mel(fmin), to_mel(fmax)
-    edges = [to_hz(low + (high - low) * i / (n_mels + 1)) for i in range(n_mels + 2)]
-    bank = np.zeros((n_fft // 2 + 1, n_mels))
-    for m in range(n_mels):
-        left, centre, right = edges[m], edges[m + 1], edges[m + 2]
-        for k in range(n_fft // 2 + 1):
-            f = k * sample_rate / n_fft
-            if left < f <= centre:
-                bank[k, m] = (f - left) / (centre - left)
-            elif centre < f < right:
-                bank[k, m] = (right - f) / (right - centre)
-        bank[:, m] *= 2.0 / (right - left)
-    return bank
-
-
 @pytest.mark.parametrize("sample_rate, n_fft, n_mels, fmin, fmax", [(44100, 2048, 320, 0.0, None), (24000, 512, 80, 50.0, 8000.0), (44100, 32, 5, 0.0, None)])
-def test_mel_filterbank_matches_slaney_definition(sample_rate, n_fft, n_mels, fmin, fmax):
+def test_mel_filterbank_matches_librosa(sample_rate, n_fft, n_mels, fmin, fmax):
+    librosa = pytest.importorskip("librosa", reason="librosa (test extra) is the filterbank oracle")
     bank = mel_filterbank(sample_rate, n_fft, n_mels, fmin, fmax)
-    expected = _reference_filterbank(sample_rate, n_fft, n_mels, fmin, sample_rate / 2 if fmax is None else fmax)
-    assert bank.shape == (n_fft // 2 + 1, n_mels)
+    # librosa's defaults are Slaney's scale and area normalisation, which DAC (via
+    # audiotools) uses; librosa returns [n_mels, bins].
+    expected = librosa.filters.mel(sr=sample_rate, n_fft=n_fft, n_mels=n_mels, fmin=fmin, fmax=fmax).T
+    assert bank.shape == expected.shape == (n_fft // 2 + 1, n_mels)
     assert bank.dtype == np.float32
     np.testing.assert_allclose(bank, expected, rtol=1e-5, atol=1e-9)
 
@@ -200,21 +179,29 @@ def test_mel_loss_zero_for_identical_and_increasing_with_noise():
     assert all(b > a for a, b in zip(values, values[1:])), values
 
 
-def test_mel_loss_matches_torch_reference_of_dac_formula():
-    prediction = _tone_plus_noise(seed=4)
-    target = _tone_plus_noise(seed=5)
-    window_lengths, n_mels = (64, 512), (10, 80)
-    expected = 0.0
-    for window_length, num_mels in zip(window_lengths, n_mels):
-        fb = torch.from_numpy(mel_filterbank(SAMPLE_RATE, window_length, num_mels).copy())
-        mels = []
-        for audio in (prediction, target):
-            spec = torch.stft(
-                torch.from_numpy(audio), window_length, window_length // 4, window=torch.hann_window(window_length).sqrt(), return_complex=True
-            )
-            mels.append(spec.abs().transpose(1, 2) @ fb)
-        expected += torch.nn.functional.l1_loss(mels[0].clamp(1e-5).log10(), mels[1].clamp(1e-5).log10()).item()
-    ours = losses.mel_spectrogram_loss(prediction, target, sample_rate=SAMPLE_RATE, window_lengths=window_lengths, n_mels=n_mels, window="sqrt_hann")
+def test_mel_loss_matches_dac_mel_spectrogram_loss():
+    """DAC's own `MelSpectrogramLoss` with DAC's training config (conf/base.yml: seven
+    scales 32..2048, mag_weight 0, pow 1, clamp 1e-5) on 44.1 kHz audio."""
+    dac_loss = import_reference("dac.nn.loss", "descript-audio-codec")
+    from audiotools import AudioSignal
+
+    sample_rate = 44100
+    prediction = _tone_plus_noise(seed=4, samples=8192)
+    target = _tone_plus_noise(seed=5, samples=8192)
+    reference = dac_loss.MelSpectrogramLoss(
+        n_mels=list(losses.DAC_MEL_N_MELS), window_lengths=list(losses.DAC_MEL_WINDOW_LENGTHS),
+        mel_fmin=[0.0] * 7, mel_fmax=[None] * 7, pow=1.0, clamp_eps=1e-5, mag_weight=0.0)
+    expected = float(reference(AudioSignal(torch.from_numpy(prediction[:, None]), sample_rate),
+                               AudioSignal(torch.from_numpy(target[:, None]), sample_rate)))
+    ours = losses.mel_spectrogram_loss(prediction, target, sample_rate=sample_rate)
+    assert expected > 0.1
+    assert float(ours) == pytest.approx(expected, rel=1e-4)
+    # The magnitude term and a power other than 1 (the class defaults) as well.
+    reference = dac_loss.MelSpectrogramLoss(n_mels=[20, 40], window_lengths=[128, 512])
+    expected = float(reference(AudioSignal(torch.from_numpy(prediction[:, None]), sample_rate),
+                               AudioSignal(torch.from_numpy(target[:, None]), sample_rate)))
+    ours = losses.mel_spectrogram_loss(prediction, target, sample_rate=sample_rate, n_mels=(20, 40),
+                                       window_lengths=(128, 512), mag_weight=1.0, power=2.0)
     assert float(ours) == pytest.approx(expected, rel=1e-4)
 
 
@@ -337,10 +324,21 @@ def test_feature_matching_gradient_reaches_fake_only():
 
 
 def test_weighted_loss_sum():
-    total = losses.weighted_loss_sum({"mel": jnp.float32(2.0), "adversarial": jnp.float32(3.0), "commitment": jnp.float32(4.0)})
-    assert float(total) == pytest.approx(15.0 * 2 + 3.0 + 0.25 * 4)
-    assert dict(losses.DEFAULT_LOSS_WEIGHTS) == {"mel": 15.0, "feature_matching": 2.0, "adversarial": 1.0, "commitment": 0.25, "codebook": 1.0}
-    with pytest.raises(KeyError):
+    rng = np.random.default_rng(0)
+    names = ["mel", "adversarial", "commitment", "extra"]
+    weights = dict(zip(names, rng.uniform(0.1, 10.0, len(names))))
+    values = {name: jnp.float32(v) for name, v in zip(names, rng.uniform(0.0, 5.0, len(names)))}
+    expected = sum(weights[k] * float(values[k]) for k in names)
+    assert float(losses.weighted_loss_sum(values, weights)) == pytest.approx(expected, rel=1e-6)
+    # A subset of the losses combines only those; bf16 inputs are summed in float32.
+    subset = {"mel": jnp.bfloat16(2.0), "commitment": jnp.float32(4.0)}
+    total = losses.weighted_loss_sum(subset, weights)
+    assert total.dtype == jnp.float32
+    assert float(total) == pytest.approx(2.0 * weights["mel"] + 4.0 * weights["commitment"], rel=1e-6)
+    # Without weights, every default-weighted loss counts with its default weight.
+    unit = {name: jnp.float32(1.0) for name in losses.DEFAULT_LOSS_WEIGHTS}
+    assert float(losses.weighted_loss_sum(unit)) == pytest.approx(sum(losses.DEFAULT_LOSS_WEIGHTS.values()))
+    with pytest.raises(KeyError, match="mell"):
         losses.weighted_loss_sum({"mell": jnp.float32(1.0)})
 
 

@@ -17,7 +17,7 @@ from codec_jax.nn.quantizer import (
     QuantizerConfig,
     ResidualVQ,
     VQLevel,
-    avg_pool_time,
+    avg_pool,
     bitrate,
     bits_per_frame,
     code_health,
@@ -64,6 +64,30 @@ def test_config_validation_and_hashable():
         cfg.level_codebook_sizes(3, 64)
 
 
+def test_quantizer_options_are_checked_in_one_place(tmp_path):
+    # The training config section, a saved codec's quantizer.json and the dataclass all go
+    # through QuantizerConfig.from_dict: unknown names and bad kinds give one clear error.
+    import json
+
+    import codec_jax
+    from codec_jax.configs.tiny import get_config
+    from codec_jax.training import builders
+
+    assert QuantizerConfig.from_dict({"kind": "ema", "codebook_sizes": [8, 16, 32]}) == \
+        QuantizerConfig(kind="ema", codebook_sizes=(8, 16, 32))
+    with pytest.raises(ValueError, match=r"unknown quantizer options \['kmeans_iter'\]"):
+        QuantizerConfig.from_dict({"kmeans_iter": 3})
+    cfg = get_config()
+    cfg.quantizer.kind = "kmeans"
+    with pytest.raises(ValueError, match="kind must be one of"):
+        builders.build_generator(cfg)
+    tiny = PRESETS["tiny"]
+    codec_jax.Codec(tiny, {"params": {}}).save(tmp_path)
+    (tmp_path / "quantizer.json").write_text(json.dumps({"kind": "ema", "decay": 0.9}))
+    with pytest.raises(ValueError, match=r"unknown quantizer options \['decay'\]"):
+        codec_jax.load_pretrained(tmp_path)
+
+
 def test_bitrate_reproduces_snac_published_figures():
     published = {"snac_24khz": 0.98, "snac_32khz": 1.9, "snac_44khz": 2.6}
     for name, kbps in published.items():
@@ -79,6 +103,36 @@ def test_bitrate_reproduces_snac_published_figures():
     assert bits_per_frame((4, 2, 1), (256, 1024, 4096), 2) == pytest.approx(2 + 5)
     with pytest.raises(ValueError):
         bitrate(c24, 4)
+
+
+def test_bitrate_with_per_level_codebook_sizes():
+    c24 = PRESETS["snac_24khz"]
+    sizes = (256, 1024, 4096)
+    # 46.875 finest frames/s: 8 bits per 4 frames + 10 per 2 + 12 per frame.
+    expected = 46.875 * (8 / 4 + 10 / 2 + 12)
+    assert c24.bitrate(codebook_sizes=sizes) == pytest.approx(expected)
+    assert c24.bitrate(1, codebook_sizes=sizes) == pytest.approx(46.875 * 2)
+    assert bitrate(c24, quantizer=QuantizerConfig(codebook_sizes=sizes)) == pytest.approx(expected)
+    with pytest.raises(ValueError, match="2 codebook sizes for 3 strides"):
+        c24.bitrate(codebook_sizes=(256, 1024))
+
+
+def test_cli_reports_the_bitrate_of_per_level_codebook_sizes(tmp_path, capsys):
+    import soundfile as sf
+
+    import codec_jax
+    from codec_jax.cli import codec as codec_cli
+
+    tiny = PRESETS["tiny"]
+    quantizer = QuantizerConfig(kind="ema", codebook_sizes=(16, 32, 64))
+    variables = codec_jax.init_variables(tiny, 0, quantizer=quantizer)
+    codec_jax.Codec(tiny, variables, quantizer=quantizer).save(tmp_path / "codec")
+    wav = tmp_path / "clip.wav"
+    sf.write(wav, 0.1 * np.sin(np.arange(tiny.pad_multiple) * 0.05), tiny.sampling_rate)
+    assert codec_cli.encode_main([str(tmp_path / "codec"), str(wav), "-o", str(tmp_path)]) == 0
+    # 16000 / 24 finest frames/s, log2 16 / 4 + log2 32 / 2 + log2 64 bits per frame: 6.33
+    # kbps (the single size 64 would claim 7.00).
+    assert "6.33 kbps" in capsys.readouterr().out
 
 
 def test_dropout_draws_level_counts_uniformly():
@@ -291,7 +345,7 @@ def test_ema_step_state_and_eval_isolation():
     assert bool(cb1["level_0"]["initialized"])
     # First batch: k-means ran, so every used code sits at the mean of the batch vectors
     # assigned to it (the Lloyd fixed point; EMA on k-means statistics leaves it there).
-    z_e = model.apply(variables, z, method=lambda m, z: m.levels[0].in_proj(avg_pool_time(z, 2)))
+    z_e = model.apply(variables, z, method=lambda m, z: m.levels[0].in_proj(avg_pool(z, 2)))
     x = np.asarray(z_e).reshape(-1, 4)
     emb1 = np.asarray(cb1["level_0"]["embedding"])
     codes = np.linalg.norm(x[:, None] - emb1[None], axis=-1).argmin(1)
@@ -302,7 +356,7 @@ def test_ema_step_state_and_eval_isolation():
     # Second batch: plain EMA step (no second k-means), matching a float64 reference.
     z2 = jax.random.normal(jax.random.key(5), (8, 32, 8))
     out2, cb2 = step(params, cb1, z2, jax.random.key(2))
-    x2 = np.asarray(model.apply(variables, z2, method=lambda m, z: m.levels[0].in_proj(avg_pool_time(z, 2)))).reshape(-1, 4)
+    x2 = np.asarray(model.apply(variables, z2, method=lambda m, z: m.levels[0].in_proj(avg_pool(z, 2)))).reshape(-1, 4)
     codes2 = np.asarray(out2["codes"][0]).reshape(-1)
     np.testing.assert_array_equal(codes2, np.linalg.norm(x2[:, None] - emb1[None], axis=-1).argmin(1))
     cs, es, emb = numpy_ema_reference(np.asarray(cb1["level_0"]["cluster_size"], np.float64),
@@ -359,6 +413,25 @@ def test_code_health_metrics():
     assert float(p) == pytest.approx(16.0, rel=1e-5) and float(u) == 1.0
     p, _ = code_health(jnp.array([0, 0, 1, 1]), 8)
     assert float(p) == pytest.approx(2.0, rel=1e-6)
+
+
+def test_training_codebook_health_counts_each_level_out_of_its_own_size():
+    # The train/eval steps' `batch_usage` must divide by each level's own codebook size
+    # (it once used the config's single size: a 16-code level fully used read as 25 %).
+    from codec_jax.configs.tiny import get_config
+    from codec_jax.training import builders, step
+
+    cfg = get_config()
+    cfg.quantizer.codebook_sizes = (16, 32, 64)
+    generator = builders.build_generator(cfg)
+    assert generator.codebook_sizes == (16, 32, 64)
+    codes = [jnp.arange(2 * n).reshape(2, n) % n for n in (16, 32, 64)]  # every code twice
+    metrics = step.codebook_health(codes, generator.codebook_sizes)
+    for level, size in enumerate((16, 32, 64)):
+        assert float(metrics[f"codebook/level_{level}/batch_usage"]) == 1.0
+        assert float(metrics[f"codebook/level_{level}/batch_perplexity"]) == pytest.approx(size, rel=1e-5)
+    half = step.codebook_health([jnp.arange(8)[None]], (16,))
+    assert float(half["codebook/level_0/batch_usage"]) == 0.5
 
 
 # ---- the codec --------------------------------------------------------------------------------

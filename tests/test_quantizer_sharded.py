@@ -8,6 +8,8 @@ with the flag set) to see the comparison.
 
 from __future__ import annotations
 
+import pytest
+
 import os
 import subprocess
 import sys
@@ -16,6 +18,7 @@ N_DEVICES = 8
 MESHES = {"data": ((8,), ("data",)), "data x fsdp": ((4, 2), ("data", "fsdp"))}
 
 
+@pytest.mark.slow
 def test_sharded_ema_update_equals_single_device_update():
     flags = os.environ.get("XLA_FLAGS", "")
     env = dict(os.environ, JAX_PLATFORMS="cpu",

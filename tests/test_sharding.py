@@ -153,6 +153,7 @@ def eight_device_run(tmp_path_factory):
     return json.loads(line[len("RESULT "):]), out
 
 
+@pytest.mark.slow
 def test_meshes_give_the_same_losses(eight_device_run):
     """mesh (1), (data=8) and (data=4, fsdp=2): same losses over 3 GAN steps and the same
     generator parameters, up to float32 reduction-order differences."""
@@ -170,6 +171,7 @@ def test_meshes_give_the_same_losses(eight_device_run):
                                        err_msg=f"{name} {key}")
 
 
+@pytest.mark.slow
 def test_fsdp_shards_parameters_and_optimizer_state(eight_device_run):
     result, _ = eight_device_run
     assert result["fsdp_split"]["gen_params"] > 0
@@ -179,6 +181,7 @@ def test_fsdp_shards_parameters_and_optimizer_state(eight_device_run):
     assert result["data8_split"] == 0  # pure data parallelism replicates
 
 
+@pytest.mark.slow
 def test_checkpoint_restores_onto_another_mesh(eight_device_run):
     result, _ = eight_device_run
     restore = result["restore"]

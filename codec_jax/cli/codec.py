@@ -186,6 +186,8 @@ def roundtrip_main(argv):
     args = p.parse_args(argv)
     import time
 
+    from codec_jax.nn.quantizer import bitrate
+
     import numpy as np
     import soundfile as sf
 
@@ -214,7 +216,8 @@ def roundtrip_main(argv):
     err = out - audio
     snr = 10 * np.log10(np.sum(audio ** 2) / max(np.sum(err ** 2), 1e-20))
     print(f"{args.input}: {seconds:.2f} s at {codec.sample_rate} Hz, "
-          f"{codec.config.bitrate() / 1000:.2f} kbps; encode {t1 - t0:.2f} s, decode {t2 - t1:.2f} s "
+          f"{bitrate(codec.config, quantizer=codec.quantizer) / 1000:.2f} kbps; "
+          f"encode {t1 - t0:.2f} s, decode {t2 - t1:.2f} s "
           f"(first calls include compilation); SNR {snr:.2f} dB -> {args.output}")
     return 0
 

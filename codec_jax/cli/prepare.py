@@ -7,7 +7,7 @@ import json
 import os
 import sys
 
-from codec_jax.data.prepare import default_data_dir, prepare_folder
+from codec_jax.data.prepare import DEFAULTS, default_data_dir, prepare_folder
 
 _MAX_LISTED_SKIPS = 50
 
@@ -28,20 +28,22 @@ def _parser() -> argparse.ArgumentParser:
                    help="dataset name (lower case, digits, underscores), e.g. librispeech_24k")
     p.add_argument("--data-dir", default=None,
                    help="TFDS data dir to write into (default: $TFDS_DATA_DIR or ~/tensorflow_datasets)")
-    p.add_argument("--sample-rate", type=int, default=24000, help="target rate in Hz (default 24000)")
-    p.add_argument("--validation-fraction", type=float, default=0.02,
-                   help="share of files put in the validation split (default 0.02; 0 = train only)")
-    p.add_argument("--max-chunk-seconds", type=float, default=5.0,
+    p.add_argument("--sample-rate", type=int, default=DEFAULTS.sample_rate,
+                   help="target rate in Hz (default %(default)s)")
+    p.add_argument("--validation-fraction", type=float, default=DEFAULTS.validation_fraction,
+                   help="share of files put in the validation split (default %(default)s; 0 = train only)")
+    p.add_argument("--max-chunk-seconds", type=float, default=DEFAULTS.max_chunk_seconds,
                    help="cut longer files into near-equal chunks of at most this length; training "
-                        "crops come from one chunk, so keep it >= the crop length (default 5; 0 = never)")
-    p.add_argument("--min-seconds", type=float, default=0.1,
-                   help="skip files shorter than this (default 0.1)")
+                        "crops come from one chunk, so keep it >= the crop length (default %(default)s; 0 = never)")
+    p.add_argument("--min-seconds", type=float, default=DEFAULTS.min_seconds,
+                   help="skip files shorter than this (default %(default)s)")
     p.add_argument("--workers", type=int, default=max(1, (os.cpu_count() or 1)),
                    help="decoding processes (default: CPU count; 0 = decode in this process)")
-    p.add_argument("--quality", default="HQ", choices=["QQ", "LQ", "MQ", "HQ", "VHQ"],
-                   help="soxr resampling quality (default HQ)")
-    p.add_argument("--compression", default="none", choices=["none", "zstd", "brotli"],
-                   help="array_record record compression (default none: fastest random reads; "
+    p.add_argument("--quality", default=DEFAULTS.resample_quality,
+                   choices=["QQ", "LQ", "MQ", "HQ", "VHQ"],
+                   help="soxr resampling quality (default %(default)s)")
+    p.add_argument("--compression", default=DEFAULTS.compression, choices=["none", "zstd", "brotli"],
+                   help="array_record record compression (default %(default)s: fastest random reads; "
                         "brotli, TFDS's default, saves ~10-40%% disk but costs ~2x CPU per read)")
     p.add_argument("--overwrite", action="store_true",
                    help="replace an existing dataset of this name (kept until the new one is complete)")

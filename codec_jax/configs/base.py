@@ -5,6 +5,14 @@ model, quantizer, init, data, losses, discriminator, optimizer, mesh, train,
 checkpoint, logging. Every key can be overridden on the command line, e.g.
 `--config.train.batch_size=32 --config.mesh.fsdp=4`.
 
+Derived values follow the command line. `train.batch_size` and `train.crop_seconds` are
+the knobs; `data.crop_seconds` (the crop actually cut: the requested one rounded up to
+the model's padding multiple), `quantizer.dead_code_threshold` and
+`logging.eval_batch_size` are computed from them whenever they are read, so
+`--config.train.batch_size=64` or `--config.train.crop_seconds=2` moves them too. Setting
+a derived value itself (`--config.logging.eval_batch_size=8`) replaces its formula by
+that value; `data.crop_seconds` set that way is used exactly, without rounding.
+
 Variants (the part after `:` in `--config configs/X.py:VARIANT`):
   ""/"train"     train from scratch;
   "finetune"     start the generator from an imported SNAC checkpoint
@@ -17,6 +25,7 @@ Variants combine with commas: `configs/snac_24khz.py:finetune,factorized`.
 from __future__ import annotations
 
 import dataclasses
+from typing import Any, Callable
 
 import ml_collections
 
@@ -29,10 +38,49 @@ from codec_jax.nn.quantizer import QuantizerConfig
 VARIANTS = ("", "train", "finetune", "factorized")
 
 
+def derived(fn: Callable[..., Any], *refs: ml_collections.FieldReference
+            ) -> ml_collections.FieldReference:
+    """A field whose value is `fn(*values of refs)`, recomputed each time it is read.
+
+    It therefore follows overrides of `refs` made after the config was built (the
+    command line's `--config.K=V`). Setting the field itself replaces the formula by
+    the value set (`FieldReference.set` drops its ops).
+    """
+    head, *rest = refs
+    return head._apply_op(fn, *rest)
+
+
+def crop_seconds_for(snac, seconds: float) -> float:
+    """`seconds` rounded up to a whole number of the model's padding multiple.
+
+    SNAC pads every input on the right to `pad_multiple` samples (2048 at 24 kHz, 12288
+    at 32/44.1 kHz); a 1 s crop at 32 kHz is 13 % zeros that the generator computes and
+    the codebook statistics count. Rounding up keeps the computed length and makes all
+    of it audio: 1 s becomes 1.024 s (24 kHz), 1.152 s (32 kHz), 1.1146 s (44.1 kHz).
+    """
+    samples = snac.padded_length(max(int(round(seconds * snac.sampling_rate)), 1))
+    return samples / snac.sampling_rate
+
+
+def dead_code_threshold_for(snac, batch_size: int, crop_seconds: float) -> float:
+    """A tenth of the expected per-code assignment count of the sparsest level.
+
+    Coarse SNAC levels see few vectors per batch (24 kHz, 16 x 1.024 s: 192 vectors for
+    4096 codes at level 0), so a fixed threshold such as 2 would find nearly every code
+    dead. With EMA decay 0.99, a code is then restarted after a couple of hundred steps
+    without assignments.
+    """
+    frames = snac.frames_per_level(int(round(crop_seconds * snac.sampling_rate)))
+    return 0.1 * batch_size * min(frames) / snac.codebook_size
+
+
 def base_config(preset: str, *, batch_size: int = 16, crop_seconds: float = 1.0,
                 num_steps: int = 400_000) -> ml_collections.ConfigDict:
     snac = get_preset(preset)
     c = ml_collections.ConfigDict()
+    batch_ref = ml_collections.FieldReference(int(batch_size))
+    requested_crop = ml_collections.FieldReference(float(crop_seconds))
+    crop_ref = derived(lambda s: crop_seconds_for(snac, s), requested_crop)
 
     c.model = ml_collections.ConfigDict(dict(
         preset=preset,
@@ -49,12 +97,9 @@ def base_config(preset: str, *, batch_size: int = 16, crop_seconds: float = 1.0,
     quantizer = dataclasses.asdict(QuantizerConfig(kind="ema"))
     quantizer["codebook_sizes"] = ml_collections.FieldReference(None, field_type=tuple)
     # A code is dead when its EMA assignment count (vectors per batch) drops below the
-    # threshold. Coarse SNAC levels see few vectors per batch (24 kHz, 16 x 1 s: 192
-    # vectors for 4096 codes at level 0), so the threshold is a tenth of the expected
-    # count of the sparsest level rather than a fixed 2: with EMA decay 0.99 a code is
-    # then restarted after a couple of hundred steps without assignments.
-    frames = snac.frames_per_level(int(round(crop_seconds * snac.sampling_rate)))
-    quantizer["dead_code_threshold"] = 0.1 * batch_size * min(frames) / snac.codebook_size
+    # threshold: see `dead_code_threshold_for`; it follows the final batch and crop.
+    quantizer["dead_code_threshold"] = derived(
+        lambda b, s: dead_code_threshold_for(snac, b, s), batch_ref.to_float(), crop_ref)
     c.quantizer = ml_collections.ConfigDict(quantizer)
 
     c.init = ml_collections.ConfigDict(dict(
@@ -65,7 +110,7 @@ def base_config(preset: str, *, batch_size: int = 16, crop_seconds: float = 1.0,
 
     data = default_data_config()
     data.sample_rate = snac.sampling_rate
-    data.crop_seconds = crop_seconds
+    data.crop_seconds = crop_ref
     c.data = data
 
     c.losses = ml_collections.ConfigDict(dict(
@@ -108,13 +153,19 @@ def base_config(preset: str, *, batch_size: int = 16, crop_seconds: float = 1.0,
 
     c.train = ml_collections.ConfigDict(dict(
         num_steps=num_steps,
-        batch_size=batch_size,  # global, over all devices and processes
+        batch_size=batch_ref,  # global, over all devices and processes
+        # Requested crop length; data.crop_seconds is this rounded up to the model's
+        # padding multiple (see crop_seconds_for).
+        crop_seconds=requested_crop,
         seed=0,
         # Stop the run after this many consecutive steps with non-finite losses/grads.
         max_consecutive_skips=20,
         # Persistent XLA compilation cache: a restarted (preempted) job skips
         # recompiling. Empty: off.
         compilation_cache_dir="",
+        # Exit status of `codec-jax train` after a SIGTERM (preemption) save: non-zero,
+        # so that a scheduler restarts the job instead of marking it done.
+        preemption_exit_code=143,
     ))
 
     c.checkpoint = ml_collections.ConfigDict(dict(
@@ -127,7 +178,7 @@ def base_config(preset: str, *, batch_size: int = 16, crop_seconds: float = 1.0,
         every_steps=100,
         eval_every_steps=5000,
         eval_batches=8,
-        eval_batch_size=batch_size,
+        eval_batch_size=batch_ref.identity(),  # follows train.batch_size
         num_audio_samples=4,
         # PESQ-wb, STOI and ViSQOL of the eval clips (codec_jax/evaluation.py), computed in
         # CPU worker processes: seconds per eval on the full presets, which turn it on.

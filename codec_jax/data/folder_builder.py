@@ -53,6 +53,7 @@ import tensorflow_datasets as tfds
 from etils import epath
 
 from codec_jax.audio import io as audio_io
+from codec_jax.data.prepare import DEFAULTS
 
 VERSION = "1.0.0"
 # array_record writer options per --compression choice. group_size:1 (one
@@ -200,14 +201,14 @@ class AudioFolderBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True
         self,
         *,
         source_dir: str | os.PathLike | None = None,
-        sample_rate: int = 24000,
-        validation_fraction: float = 0.02,
-        max_chunk_seconds: float | None = 5.0,
-        min_seconds: float = 0.1,
+        sample_rate: int = DEFAULTS.sample_rate,
+        validation_fraction: float = DEFAULTS.validation_fraction,
+        max_chunk_seconds: float | None = DEFAULTS.max_chunk_seconds,
+        min_seconds: float = DEFAULTS.min_seconds,
         num_workers: int = 0,
-        resample_quality: str = "HQ",
+        resample_quality: str = DEFAULTS.resample_quality,
         exclude: dict[str, str] | None = None,
-        compression: str = "none",
+        compression: str = DEFAULTS.compression,
         progress: Callable[[str], None] | None = None,
         progress_every_s: float = 10.0,
         **kwargs,

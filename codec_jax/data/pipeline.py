@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import atexit
 import math
-import os
 import sys
 import weakref
 from collections.abc import Mapping, Sequence
@@ -115,23 +114,23 @@ def open_tfds_source(name: str, data_dir: str | None = None, split: str = "train
     import tensorflow_datasets as tfds  # heavy import, only when a TFDS source is used
 
     from codec_jax.data.prepare import default_data_dir
+    from codec_jax.paths import as_path
 
-    data_dir = os.path.abspath(os.path.expanduser(data_dir or default_data_dir()))
+    data_dir = as_path(data_dir or default_data_dir())  # local or gs://
     base = name.split(":", 1)[0]
-    ds_dir = os.path.join(data_dir, base)
-    has_version = os.path.isdir(ds_dir) and any(
-        os.path.isfile(os.path.join(ds_dir, v, "dataset_info.json")) for v in os.listdir(ds_dir)
-    )
+    ds_dir = data_dir / base
+    has_version = ds_dir.is_dir() and any(
+        (v / "dataset_info.json").is_file() for v in ds_dir.iterdir())
     if not has_version:
         present = sorted(
-            d for d in (os.listdir(data_dir) if os.path.isdir(data_dir) else [])
-            if not d.startswith(".") and d != "downloads" and os.path.isdir(os.path.join(data_dir, d))
+            d.name for d in (data_dir.iterdir() if data_dir.is_dir() else [])
+            if not d.name.startswith(".") and d.name != "downloads" and d.is_dir()
         )
         raise FileNotFoundError(
             f"TFDS dataset {name!r} not found in data_dir {data_dir} (no {ds_dir}/<version>/"
             f"dataset_info.json). Datasets there: {present or 'none'}. " + _prepare_hint(base, data_dir)
         )
-    sources = tfds.data_source(name, data_dir=data_dir)
+    sources = tfds.data_source(name, data_dir=str(data_dir))
     if split not in sources:
         raise ValueError(
             f"TFDS dataset {name!r} in {data_dir} has no split {split!r} (it has {sorted(sources)}); "

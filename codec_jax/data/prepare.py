@@ -13,10 +13,29 @@ writes `~/tensorflow_datasets/librispeech_24k/1.0.0/` (array_record shards,
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import shutil
 import tempfile
 import time
+
+
+@dataclasses.dataclass(frozen=True)
+class BuildDefaults:
+    """The defaults of a folder build, shared by `codec-jax prepare-data`'s flags,
+    `prepare_folder` and `folder_builder.AudioFolderBuilder` (this module imports no TFDS,
+    so the CLI's `--help` stays fast)."""
+
+    sample_rate: int = 24000
+    validation_fraction: float = 0.02
+    max_chunk_seconds: float | None = 5.0
+    min_seconds: float = 0.1
+    resample_quality: str = "HQ"
+    compression: str = "none"
+
+
+DEFAULTS = BuildDefaults()
+
 
 def default_data_dir() -> str:
     """Where TFDS itself looks when no data_dir is given."""
@@ -28,13 +47,13 @@ def prepare_folder(
     *,
     name: str,
     data_dir: str,
-    sample_rate: int = 24000,
-    validation_fraction: float = 0.02,
-    max_chunk_seconds: float | None = 5.0,
-    min_seconds: float = 0.1,
+    sample_rate: int = DEFAULTS.sample_rate,
+    validation_fraction: float = DEFAULTS.validation_fraction,
+    max_chunk_seconds: float | None = DEFAULTS.max_chunk_seconds,
+    min_seconds: float = DEFAULTS.min_seconds,
     num_workers: int = 0,
-    resample_quality: str = "HQ",
-    compression: str = "none",
+    resample_quality: str = DEFAULTS.resample_quality,
+    compression: str = DEFAULTS.compression,
     overwrite: bool = False,
     progress=None,
 ) -> dict:

@@ -39,6 +39,7 @@ import jax.numpy as jnp
 from flax import linen as nn
 
 from codec_jax.audio.spectral import stft
+from codec_jax.nn.layers import torch_uniform_init, weight_normed_kernel
 
 __all__ = [
     "DAC_BANDS",
@@ -58,20 +59,6 @@ Array = jax.Array
 DAC_BANDS: tuple[tuple[float, float], ...] = ((0.0, 0.1), (0.1, 0.25), (0.25, 0.5), (0.5, 0.75), (0.75, 1.0))
 # Conv widths of DAC's / HiFi-GAN's period sub-discriminator.
 MPD_CHANNELS: tuple[int, ...] = (32, 128, 512, 1024, 1024)
-
-
-def _torch_default_init(fan_in: int):
-    """PyTorch's default conv init, ``U(-1/sqrt(fan_in), 1/sqrt(fan_in))``.
-
-    The references never override it for discriminators, and weight norm makes
-    the initial scale part of the parametrisation, so keep it identical.
-    """
-    bound = 1.0 / math.sqrt(max(fan_in, 1))
-
-    def init(key, shape, dtype=jnp.float32):
-        return jax.random.uniform(key, shape, dtype, -bound, bound)
-
-    return init
 
 
 class WNConv2d(nn.Module):
@@ -103,16 +90,11 @@ class WNConv2d(nn.Module):
         fan_in = in_features * self.kernel_size[0] * self.kernel_size[1]
         shape = (*self.kernel_size, in_features, self.features)
         if self.use_weight_norm:
-            direction = self.param("direction", _torch_default_init(fan_in), shape, self.param_dtype)
-            magnitude = self.param(
-                "magnitude",
-                lambda _key: jnp.sqrt(jnp.sum(jnp.square(direction.astype(jnp.float32)), axis=(0, 1, 2))).astype(self.param_dtype),
-            )
-            direction = direction.astype(jnp.float32)
-            norm = jnp.sqrt(jnp.sum(jnp.square(direction), axis=(0, 1, 2)))
-            kernel = direction * (magnitude.astype(jnp.float32) / norm)
+            # torch's weight_norm(dim=0) on an OIHW weight: one magnitude per output channel.
+            kernel = weight_normed_kernel(self, shape, fan_in, norm_axes=(0, 1, 2), mag_axis=3,
+                                          param_dtype=self.param_dtype)
         else:
-            kernel = self.param("kernel", _torch_default_init(fan_in), shape, self.param_dtype)
+            kernel = self.param("kernel", torch_uniform_init(fan_in), shape, self.param_dtype)
         y = jax.lax.conv_general_dilated(
             x.astype(self.dtype),
             kernel.astype(self.dtype),
@@ -121,7 +103,7 @@ class WNConv2d(nn.Module):
             rhs_dilation=self.dilation,
             dimension_numbers=("NHWC", "HWIO", "NHWC"),
         )
-        bias = self.param("bias", _torch_default_init(fan_in), (self.features,), self.param_dtype)
+        bias = self.param("bias", torch_uniform_init(fan_in), (self.features,), self.param_dtype)
         return y + bias.astype(self.dtype)
 
 
@@ -162,7 +144,7 @@ class PeriodDiscriminator(nn.Module):
         return feature_maps
 
 
-def dac_aligned_stft(audio: Array, window_length: int, window: str = "sqrt_hann") -> Array:
+def dac_aligned_stft(audio: Array, window_length: int, window: str = "hann") -> Array:
     """audiotools' ``match_stride=True`` STFT used by DAC's MRD.
 
     Hop is ``window_length // 4``. The signal is reflect-padded by
@@ -174,7 +156,9 @@ def dac_aligned_stft(audio: Array, window_length: int, window: str = "sqrt_hann"
     Args:
       audio: ``[batch, samples]``; needs ``samples > window_length`` for the
         reflect padding.
-      window: audiotools' default (which DAC uses) is ``"sqrt_hann"``.
+      window: DAC leaves ``window_type`` unset and audiotools (0.7.2, the version DAC
+        1.0 requires) fills it with ``"hann"``; its docstrings say square-root Hann, its
+        code does not. Checked against pip ``descript-audio-codec`` itself.
 
     Returns:
       complex64 ``[batch, ceil(samples / hop), window_length // 2 + 1]``.
@@ -208,7 +192,7 @@ class MultiBandSTFTDiscriminator(nn.Module):
     window_length: int
     bands: Sequence[tuple[float, float]] = DAC_BANDS
     channels: int = 32
-    window: str = "sqrt_hann"
+    window: str = "hann"
     negative_slope: float = 0.1
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32

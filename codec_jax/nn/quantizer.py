@@ -5,6 +5,14 @@ rates), optionally projects it to a low-dimensional space, picks the nearest cod
 back and repeat-upsamples. Levels act on the residual left by the previous ones.
 Latents are `[batch, time, channels]`; codes are int32 `[batch, time // stride]`.
 
+The same quantizer works on n-D latents `[batch, *spatial, channels]` (images
+`[batch, height, width, channels]`, video `[batch, frames, height, width, channels]`): a
+level's stride is then a tuple with one entry per spatial axis (an int means the same
+stride on every axis), pooling is a mean over `stride_1 x stride_2 x ...` blocks, codes are
+int32 `[batch, *(spatial // stride)]`, and upsampling repeats each code over its block.
+Inside a level the pooled positions are flattened into one axis, so codebooks, EMA
+statistics, k-means, dead-code restarts, dropout and sharding behave exactly as in 1-D.
+
 Two codebook kinds (`QuantizerConfig.kind`):
 
 - `"factorized"`: SNAC/DAC. Codes are looked up by cosine similarity (L2-normalised
@@ -33,6 +41,7 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
+from codec_jax.config import bits_per_frame  # noqa: F401 (re-exported: RVQ users' bit budget)
 from codec_jax.nn.layers import WNConv1d
 
 Array = jax.Array
@@ -106,6 +115,19 @@ class QuantizerConfig:
                 raise ValueError(f"codebook_sizes must be positive ints, got {self.codebook_sizes}")
             object.__setattr__(self, "codebook_sizes", sizes)
 
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> "QuantizerConfig":
+        """From a dict of field names (a training config's `quantizer` section, a saved
+        codec's `quantizer.json`); unknown names are an error, lists become tuples."""
+        fields = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - fields)
+        if unknown:
+            raise ValueError(f"unknown quantizer options {unknown}; QuantizerConfig has {sorted(fields)}")
+        values = dict(values)
+        if values.get("codebook_sizes") is not None:
+            values["codebook_sizes"] = tuple(int(x) for x in values["codebook_sizes"])
+        return cls(**values)
+
     def level_codebook_sizes(self, n_levels: int, default_size: int) -> tuple[int, ...]:
         """Codebook size of each of `n_levels` levels (coarse first)."""
         if self.codebook_sizes is None:
@@ -122,27 +144,16 @@ class QuantizerConfig:
 
 # ---- bitrate -------------------------------------------------------------------------------
 
-def bits_per_frame(strides: Sequence[int], codebook_sizes: Sequence[int],
-                   n_levels: Optional[int] = None) -> float:
-    """Bits per finest latent frame carried by the first `n_levels` levels (all by default):
-    `sum(log2(codebook_size_l) / stride_l)`."""
-    n_levels = len(strides) if n_levels is None else n_levels
-    if not 1 <= n_levels <= len(strides):
-        raise ValueError(f"n_levels must be in [1, {len(strides)}], got {n_levels}")
-    if len(codebook_sizes) != len(strides):
-        raise ValueError(f"{len(codebook_sizes)} codebook sizes for {len(strides)} strides")
-    return sum(math.log2(k) / s for k, s in zip(codebook_sizes[:n_levels], strides[:n_levels]))
-
-
 def bitrate(config, n_levels: Optional[int] = None,
             quantizer: Optional[QuantizerConfig] = None) -> float:
     """Bits per second of a `SNACConfig` using its first `n_levels` levels (all by default),
-    with `quantizer.codebook_sizes` if given. SNAC's presets give 984.4 (24 kHz), 1875.0
-    (32 kHz) and 2583.98 (44.1 kHz) bit/s: the published 0.98, 1.9 and 2.6 kbps."""
+    with `quantizer.codebook_sizes` if given (`SNACConfig.bitrate` with this quantizer's
+    per-level sizes). SNAC's presets give 984.4 (24 kHz), 1875.0 (32 kHz) and 2583.98
+    (44.1 kHz) bit/s: the published 0.98, 1.9 and 2.6 kbps. A `Codec`'s bitrate is
+    `bitrate(codec.config, quantizer=codec.quantizer)`."""
     quantizer = QuantizerConfig() if quantizer is None else quantizer
-    sizes = quantizer.level_codebook_sizes(len(config.vq_strides), config.codebook_size)
-    frame_rate = config.sampling_rate / config.hop_length
-    return frame_rate * bits_per_frame(config.vq_strides, sizes, n_levels)
+    sizes = quantizer.level_codebook_sizes(config.n_levels, config.codebook_size)
+    return config.bitrate(n_levels, codebook_sizes=sizes)
 
 
 # ---- pure codebook functions (all global reductions) ----------------------------------------
@@ -290,13 +301,33 @@ def sample_levels_used(key: Array, batch: int, n_levels: int, dropout_prob: floa
     return jnp.where(drop, random_n, jnp.int32(n_levels))
 
 
-def avg_pool_time(x: Array, stride: int) -> Array:
-    """Mean over non-overlapping windows of `stride` frames: `[b, t, c]` -> `[b, t // stride, c]`."""
-    if stride == 1:
+def axis_strides(stride: int | Sequence[int], n_axes: int) -> tuple[int, ...]:
+    """A level's stride per spatial axis: an int applies to every axis."""
+    if isinstance(stride, int):
+        return (int(stride),) * n_axes
+    stride = tuple(int(s) for s in stride)
+    if len(stride) != n_axes:
+        raise ValueError(f"stride {stride} has {len(stride)} axes, latents have {n_axes} spatial axes")
+    return stride
+
+
+def avg_pool(x: Array, stride: int | Sequence[int]) -> Array:
+    """Mean over non-overlapping blocks: `[b, *spatial, c]` -> `[b, *(spatial // stride), c]`."""
+    strides = axis_strides(stride, x.ndim - 2)
+    if all(s == 1 for s in strides):
         return x
-    b, t, c = x.shape
-    frames = t // stride
-    return x[:, : frames * stride].reshape(b, frames, stride, c).mean(axis=2)
+    frames = tuple(n // s for n, s in zip(x.shape[1:-1], strides))
+    x = x[(slice(None),) + tuple(slice(0, f * s) for f, s in zip(frames, strides))]
+    split = (x.shape[0],) + tuple(d for f, s in zip(frames, strides) for d in (f, s)) + (x.shape[-1],)
+    return x.reshape(split).mean(axis=tuple(2 + 2 * i for i in range(len(strides))))
+
+
+def repeat_upsample(x: Array, stride: int | Sequence[int]) -> Array:
+    """Each position repeated over its block: `[b, *frames, c]` -> `[b, *(frames * stride), c]`."""
+    for axis, s in enumerate(axis_strides(stride, x.ndim - 2)):
+        if s > 1:
+            x = jnp.repeat(x, s, axis=1 + axis)
+    return x
 
 
 # ---- modules --------------------------------------------------------------------------------
@@ -315,7 +346,7 @@ class VQLevel(nn.Module):
     dim: int
     codebook_size: int
     codebook_dim: int
-    stride: int = 1
+    stride: int | tuple[int, ...] = 1  # per spatial axis for n-D latents
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
     precision: Any = None
@@ -361,7 +392,9 @@ class VQLevel(nn.Module):
         With `train=True` (and not while initialising) the ema kind updates its state in the
         `"codebook"` collection, which must then be mutable.
         """
-        z_pooled = avg_pool_time(z, self.stride)
+        z_pooled = avg_pool(z, self.stride)
+        grid = z_pooled.shape[1:-1]  # pooled spatial shape; flattened to one axis inside
+        z_pooled = z_pooled.reshape(z.shape[0], -1, z.shape[-1])
         z_e = (self.in_proj(z_pooled) if self.config.projects else z_pooled).astype(jnp.float32)
         if self.config.kind == "factorized":
             codes = nearest_code(z_e, self.codebook)
@@ -377,7 +410,10 @@ class VQLevel(nn.Module):
         z_st = z_e + jax.lax.stop_gradient(z_code - z_e)  # straight-through estimator
         out = self.out_proj(z_st.astype(self.dtype)) if self.config.projects else z_st
         perplexity, usage = code_health(codes, self.codebook_size)
-        return dict(z_q=self._upsample(out.astype(self.dtype)), codes=codes, z_e=z_e,
+        out = out.astype(self.dtype).reshape((z.shape[0],) + grid + (out.shape[-1],))
+        codes = codes.reshape((z.shape[0],) + grid)
+        z_e = z_e.reshape((z.shape[0],) + grid + (z_e.shape[-1],))
+        return dict(z_q=repeat_upsample(out, self.stride), codes=codes, z_e=z_e,
                     commitment_loss=commitment, codebook_loss=codebook_loss,
                     perplexity=perplexity, usage=usage, dead_codes=dead_codes)
 
@@ -431,27 +467,26 @@ class VQLevel(nn.Module):
         return codes, z_code, jnp.sum(dead).astype(jnp.int32)
 
     def decode(self, codes: Array) -> Array:
-        """codes `[batch, frames]` -> `[batch, frames*stride, dim]`."""
+        """codes `[batch, *frames]` -> `[batch, *(frames * stride), dim]`."""
         table = self.codebook if self.config.kind == "factorized" else self.embedding.value
-        z_code = jnp.take(table, codes, axis=0).astype(self.dtype)
-        return self._upsample(self.out_proj(z_code) if self.config.projects else z_code)
-
-    def _upsample(self, x: Array) -> Array:
-        return jnp.repeat(x, self.stride, axis=1) if self.stride > 1 else x
+        z_code = jnp.take(table, codes.reshape(codes.shape[0], -1), axis=0).astype(self.dtype)
+        out = self.out_proj(z_code) if self.config.projects else z_code
+        return repeat_upsample(out.reshape(codes.shape + (out.shape[-1],)), self.stride)
 
 
 class ResidualVQ(nn.Module):
     """Levels applied in turn to the residual the previous ones leave (coarse first).
 
-    Works on any `[batch, time, dim]` latents; `time` must be a multiple of every stride
-    used. `codebook_size` is the size of every level unless `config.codebook_sizes` is set;
+    Works on any `[batch, time, dim]` latents, and on n-D latents `[batch, *spatial, dim]`
+    with per-axis strides (see the module docstring); each spatial axis must be a multiple
+    of every stride used on it. `codebook_size` is the size of every level unless `config.codebook_sizes` is set;
     `codebook_dim` is unused by unprojected ema levels.
     """
 
     dim: int
     codebook_size: int
     codebook_dim: int
-    strides: Sequence[int]
+    strides: Sequence[int | tuple[int, ...]]
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
     precision: Any = None
@@ -475,7 +510,8 @@ class ResidualVQ(nn.Module):
 
         Returns a dict with
           `z_q` `[batch, time, dim]`: sum of the used levels' outputs, straight-through;
-          `codes`: list of int32 `[batch, time // stride_l]` per computed level, coarse first;
+          `codes`: list of int32 `[batch, time // stride_l]` per computed level, coarse first
+            (`[batch, *(spatial // stride_l)]` for n-D latents);
           `commitment_loss`, `codebook_loss`: lists of `[batch]` per level, zero where quantizer
             dropout left the level out for that example (`codebook_loss` is zero for ema);
           `quantizer_metrics`: `perplexity`, `usage` (float32 `[levels]`) and `dead_codes`
@@ -489,13 +525,16 @@ class ResidualVQ(nn.Module):
         n_levels = total if n_levels is None else int(n_levels)
         if not 1 <= n_levels <= total:
             raise ValueError(f"n_levels must be in [1, {total}], got {n_levels}")
-        if z.ndim != 3 or z.shape[-1] != self.dim:
-            raise ValueError(f"expected latents [batch, time, {self.dim}], got {z.shape}")
+        if z.ndim < 3 or z.shape[-1] != self.dim:
+            raise ValueError(f"expected latents [batch, time, {self.dim}] or "
+                             f"[batch, *spatial, {self.dim}], got {z.shape}")
         active = total if self.is_initializing() else n_levels
-        multiple = math.lcm(*self.strides[:active])
-        if z.shape[1] % multiple:
-            raise ValueError(f"time axis ({z.shape[1]}) must be a multiple of {multiple}, the "
-                             f"lcm of the strides {tuple(self.strides[:active])}")
+        per_axis = [axis_strides(s, z.ndim - 2) for s in self.strides[:active]]
+        for axis, size in enumerate(z.shape[1:-1]):
+            multiple = math.lcm(*(s[axis] for s in per_axis))
+            if size % multiple:
+                raise ValueError(f"spatial axis {axis} ({size}) must be a multiple of {multiple}, "
+                                 f"the lcm of the strides {tuple(self.strides[:active])} on it")
         batch = z.shape[0]
         dropout = train and self.config.dropout_prob > 0 and not self.is_initializing()
         if dropout:
@@ -510,7 +549,8 @@ class ResidualVQ(nn.Module):
         for i, level in enumerate(self.levels[:n_levels]):
             out = level(residual, train=train)
             keep = (i < levels_used)  # [batch]: quantizer dropout
-            z_q = z_q + jnp.where(keep[:, None, None], out["z_q"], 0).astype(self.dtype)
+            keep_b = keep.reshape((batch,) + (1,) * (z.ndim - 1))
+            z_q = z_q + jnp.where(keep_b, out["z_q"], 0).astype(self.dtype)
             # Every example's residual continues: a level's codebook statistics are valid
             # whichever examples use it, and only the *outputs* are dropped.
             residual = residual - (jax.lax.stop_gradient(out["z_q"]) if detach else out["z_q"])
@@ -532,8 +572,8 @@ class ResidualVQ(nn.Module):
                     quantizer_metrics=metrics, levels_used=levels_used)
 
     def decode(self, codes: Sequence[Array]) -> Array:
-        """codes: list of `[batch, frames_level]`, coarse first (a prefix of the levels is fine)
-        -> `[batch, frames_finest*stride_last, dim]`."""
+        """codes: list of `[batch, frames_level]` (n-D: `[batch, *frames_level]`), coarse first
+        (a prefix of the levels is fine) -> `[batch, frames_finest*stride_last, dim]`."""
         if not 1 <= len(codes) <= len(self.strides):
             raise ValueError(f"expected 1..{len(self.strides)} code levels, got {len(codes)}")
         z_q = None

@@ -12,8 +12,6 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from codec_jax.losses import _as_f32
-
 
 
 class BalancerState(NamedTuple):
@@ -78,7 +76,7 @@ class Balancer:
         return BalancerState(norm_ema=dict(zeros), weight_ema=dict(zeros))
 
     def _gradient_norm(self, grad: jax.Array) -> jax.Array:
-        grad = _as_f32(grad)
+        grad = jnp.asarray(grad, jnp.float32)
         if self.per_batch_item:
             per_item = jnp.sqrt(jnp.sum(grad.reshape(grad.shape[0], -1) ** 2, axis=-1))
             return jnp.mean(per_item)
@@ -119,7 +117,7 @@ class Balancer:
                 scale = (self.weights[name] / total_weight) * self.total_norm / (self.epsilon + average_norms[name])
             else:
                 scale = jnp.float32(self.weights[name])
-            part = _as_f32(grad) * scale
+            part = jnp.asarray(grad, jnp.float32) * scale
             combined = part if combined is None else combined + part
             metrics[f"grad_norm/{name}"] = norms[name]
             metrics[f"grad_ratio/{name}"] = average_norms[name] / norm_sum
@@ -144,7 +142,7 @@ class Balancer:
         names = list(loss_fns)
 
         def all_losses(y: jax.Array) -> dict[str, jax.Array]:
-            return {name: _as_f32(loss_fns[name](y)) for name in names}
+            return {name: jnp.asarray(loss_fns[name](y), jnp.float32) for name in names}
 
         values, vjp = jax.vjp(all_losses, output)
         grads = {}

@@ -44,6 +44,12 @@ class GeneratorAdapter:
     config: SNACConfig
     module: SNAC
 
+    @property
+    def codebook_sizes(self) -> tuple[int, ...]:
+        """Codebook size of each quantizer level (coarse first), per-level sizes included."""
+        return self.module.quantizer.level_codebook_sizes(self.config.n_levels,
+                                                          self.config.codebook_size)
+
     def init(self, key: jax.Array, num_samples: int) -> dict[str, Any]:
         """Fresh variables: `params`, and `codebook` when the quantizer keeps EMA state."""
         dummy = jnp.zeros((1, num_samples), jnp.float32)
@@ -75,14 +81,7 @@ class GeneratorAdapter:
 
 def quantizer_config_from(cfg: ml_collections.ConfigDict) -> QuantizerConfig:
     """`QuantizerConfig` from the `quantizer` config section (its field names)."""
-    fields = {f.name for f in dataclasses.fields(QuantizerConfig)}
-    values = cfg.to_dict()
-    unknown = sorted(set(values) - fields)
-    if unknown:
-        raise ValueError(f"unknown quantizer options {unknown}; QuantizerConfig has {sorted(fields)}")
-    if values.get("codebook_sizes") is not None:
-        values["codebook_sizes"] = tuple(int(x) for x in values["codebook_sizes"])
-    return QuantizerConfig(**values)
+    return QuantizerConfig.from_dict(cfg.to_dict())
 
 
 def build_generator(config: ml_collections.ConfigDict) -> GeneratorAdapter:

@@ -9,7 +9,9 @@ calls this function; notebooks call it directly:
 
 The run resumes by itself from the newest checkpoint in `workdir` (state and data
 position), so the same command restarts a preempted job. SIGTERM makes the loop save a
-checkpoint at the current step and return normally.
+checkpoint at the current step and raise `codec_jax.errors.Preempted` (the command line
+exits with `train.preemption_exit_code`, default 143, so a scheduler restarts the job).
+A run already at `train.num_steps` returns at once.
 """
 
 from __future__ import annotations
@@ -17,11 +19,9 @@ from __future__ import annotations
 import dataclasses
 import functools
 import logging
-import os
 import signal
 import threading
 import time
-from pathlib import Path
 from typing import Any, Optional
 
 import jax
@@ -30,13 +30,16 @@ import numpy as np
 from jax.experimental import multihost_utils
 
 from codec_jax import checkpoint as ckpt_io
+from codec_jax.paths import as_path
+from codec_jax.errors import Preempted, UsageError
 from codec_jax.training import optim
 from codec_jax.training import sharding as shard_lib
 from codec_jax.training import metrics as tm
 from codec_jax.training import builders
 from codec_jax.training import state as ts
 from codec_jax.training.checkpoint import TrainCheckpointer
-from codec_jax.training.step import LossSettings, make_eval_step, make_train_step
+from codec_jax.training.step import (LossSettings, make_eval_step, make_train_step,
+                                     validate_hyperparameters)
 
 log = logging.getLogger(__name__)
 
@@ -78,7 +81,7 @@ def _print(msg: str) -> None:
 def load_generator_params(path: str, expected: Any) -> Any:
     """Generator parameters (numpy tree) from a SNAC hub directory or a directory written
     by `Codec.save`; the checkpoint's `config.json` must describe the configured model."""
-    p = Path(path)
+    p = as_path(path)
     if (p / ckpt_io.PARAMS_SUBDIR).exists():
         config, variables, _ = ckpt_io.load_converted(p)
         params = variables["params"]
@@ -97,13 +100,12 @@ def _crop_samples(config: ml_collections.ConfigDict) -> int:
 
 def _validate(config: ml_collections.ConfigDict, snac_config) -> None:
     if int(config.data.sample_rate) != snac_config.sampling_rate:
-        raise ValueError(
+        raise UsageError(
             f"data.sample_rate={config.data.sample_rate} differs from the model's "
             f"sampling_rate={snac_config.sampling_rate}")
     if config.train.num_steps <= 0:
-        raise ValueError("train.num_steps must be positive")
-    if config.quantizer.kind not in ("ema", "factorized"):
-        raise ValueError(f"quantizer.kind must be 'ema' or 'factorized', got {config.quantizer.kind!r}")
+        raise UsageError("train.num_steps must be positive")
+    # quantizer.kind and the other quantizer options are checked by QuantizerConfig itself.
 
 
 class RecompilationError(RuntimeError):
@@ -133,7 +135,8 @@ class TraceCounter:
 
 
 def enable_compilation_cache(cache_dir: str) -> None:
-    """Use a persistent XLA compilation cache in `cache_dir` (no-op when empty).
+    """Use a persistent XLA compilation cache in `cache_dir` (no-op when empty; local or
+    `gs://`, JAX reads it through etils.epath).
 
     Restarted jobs (after preemption, or resume tests) then load the compiled train step
     instead of recompiling it. JAX decides whether to use the cache at the process's
@@ -143,7 +146,7 @@ def enable_compilation_cache(cache_dir: str) -> None:
         return
     from jax.experimental.compilation_cache import compilation_cache
 
-    cache_dir = os.path.abspath(os.path.expanduser(cache_dir))
+    cache_dir = str(as_path(cache_dir))
     if jax.config.jax_compilation_cache_dir != cache_dir:
         jax.config.update("jax_compilation_cache_dir", cache_dir)
         compilation_cache.reset_cache()
@@ -194,6 +197,7 @@ def create_training_setup(config: ml_collections.ConfigDict,
                           devices: Optional[list] = None) -> TrainingSetup:
     """Models, optimizers, mesh (over `devices`, default all) and the jitted steps."""
     enable_compilation_cache(config.train.get("compilation_cache_dir", ""))
+    validate_hyperparameters(config)
     generator = builders.build_generator(config)
     discriminator = builders.build_discriminator(config)
     _validate(config, generator.config)
@@ -232,15 +236,17 @@ def create_training_setup(config: ml_collections.ConfigDict,
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
     """Train (or resume) to `config.train.num_steps`; returns the last logged metrics.
 
-    Writes `workdir/checkpoints/<step>/`, `workdir/tensorboard/`, `workdir/metrics.jsonl`
-    and `workdir/config.json`.
+    Writes `workdir/checkpoints/<step>/`, `workdir/tensorboard/`, `workdir/metrics.jsonl`,
+    `workdir/config.json` and, at the last step, `workdir/export/`. `workdir` may be local
+    or a bucket (`gs://bucket/run`, any etils.epath URL).
 
     Raises:
       NonFiniteTrainingError: `train.max_consecutive_skips` steps in a row had
         non-finite losses or gradients (the parameters were left untouched).
     """
-    workdir = os.path.abspath(os.path.expanduser(workdir))
+    workdir = as_path(workdir)
     config = ml_collections.ConfigDict(config.to_dict())  # private, unlocked copy
+    _print("building the models, optimizers and mesh...")
     setup = create_training_setup(config)
     mesh, generator = setup.mesh, setup.generator
     batch_size = int(config.train.batch_size)
@@ -253,7 +259,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         process_index=jax.process_index(), process_count=jax.process_count())
 
     # ---- state: resume, or create (from an imported generator when configured) ----
-    checkpointer = TrainCheckpointer(os.path.join(workdir, "checkpoints"),
+    checkpointer = TrainCheckpointer(workdir / "checkpoints",
                                      keep=config.checkpoint.keep,
                                      async_save=config.checkpoint.async_save)
     state, restored_step = checkpointer.restore_latest(setup.restore_target(), train_iter)
@@ -262,16 +268,22 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         if config.init.generator_checkpoint:
             pretrained = load_generator_params(config.init.generator_checkpoint, generator.config)
             _print(f"generator initialised from {config.init.generator_checkpoint}")
+        _print("building the train state (compiling its initialiser)...")
         state = setup.init_state(pretrained)
         start_step = 0
     else:
         start_step = int(jax.device_get(state.step))
         _print(f"resumed from {checkpointer.directory}/{restored_step} (step {start_step})")
+    num_steps = int(config.train.num_steps)
+    if start_step >= num_steps:
+        _print(f"already at step {start_step} of {num_steps}; nothing to do")
+        checkpointer.close()
+        train_iter.close()
+        return {}
 
     if jax.process_index() == 0:
-        os.makedirs(workdir, exist_ok=True)
-        with open(os.path.join(workdir, "config.json"), "w") as f:
-            f.write(config.to_json_best_effort(indent=2))
+        workdir.mkdir(parents=True, exist_ok=True)
+        (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
     _print(f"mesh {dict(mesh.shape)} on {jax.device_count()} {jax.devices()[0].platform} "
            f"device(s), {jax.process_count()} process(es); generator "
            f"{ts.param_count(state.gen_params):,} params, discriminator "
@@ -281,9 +293,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
              shard_lib.describe_shardings(setup.abstract_state, setup.state_shardings))
 
     p_train_step, p_eval_step = setup.p_train_step, setup.p_eval_step
-    writer = tm.MetricWriter(workdir, enabled=jax.process_index() == 0,
-                             jsonl=bool(config.logging.jsonl))
-    num_steps = int(config.train.num_steps)
+    writer = tm.create_writer(workdir, enabled=jax.process_index() == 0,
+                              jsonl=bool(config.logging.jsonl))
     log_every = max(int(config.logging.every_steps), 1)
     eval_every = int(config.logging.eval_every_steps)
     ckpt_every = int(config.checkpoint.every_steps)
@@ -292,13 +303,24 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     throughput = tm.Throughput(audio_seconds)
     preemption = _Preemption()
 
+    evaluations = 0
+
     def evaluate(step: int) -> dict[str, float]:
+        nonlocal evaluations
+        if evaluations == 0:
+            _print("evaluating (the first evaluation compiles the eval step)...")
+        evaluations += 1
         return _evaluate(config, state, p_eval_step, mesh, writer, step)
 
     step = start_step
     history: list[dict[str, Any]] = []
     last_logged: dict[str, float] = {}
     pending: Optional[dict[str, jax.Array]] = None  # previous step's metrics, on device
+    cache_dir = config.train.get("compilation_cache_dir", "")
+    _print("compiling the train step (generator, discriminators, losses, both updates); "
+           + (f"compiled programs are cached in {cache_dir}, so the next start loads them"
+              if cache_dir else "set --config.train.compilation_cache_dir=DIR to make the "
+              "next start skip this") + "...")
     try:
         while step < num_steps:
             batch = shard_lib.make_global_batch(next(train_iter), mesh)
@@ -313,17 +335,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
             # Read the previous step's skip counter while this step runs: checking
             # every step without stalling the dispatch pipeline.
             if pending is not None:
-                _check_skips(pending, step - 1, max_skips)
+                _check_skips(pending, step - 1, max_skips, checkpointer)
             pending = metrics
             history.append(metrics)
 
             if step % log_every == 0 or step == num_steps:
-                _check_skips(metrics, step, max_skips)
+                _check_skips(metrics, step, max_skips, checkpointer)
                 values = tm.aggregate(jax.device_get(history))
                 history = []
                 values.update(throughput.rates(step))
                 values.update(tm.device_memory())
-                writer.scalars(step, values, prefix="train/")
+                writer.write_scalars(step, {f"train/{k}": v for k, v in values.items()})
                 _print(tm.progress_line(step, num_steps, values))
                 last_logged = values
                 throughput.reset(step)
@@ -332,14 +354,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                 last_logged.update({f"eval/{k}": v for k, v in eval_values.items()})
                 throughput.reset(step)
             if preemption.requested(step):
-                checkpointer.save(step, state, train_iter, force=True)
+                saved = checkpointer.save(step, state, train_iter, force=True)
                 checkpointer.wait()
-                _print(f"preempted: checkpoint {step} saved, exiting")
-                break
+                good = checkpointer.good_steps()
+                resume = step if saved or step in good else (good[-1] if good else 0)
+                raise Preempted(step, int(config.train.get("preemption_exit_code", 143)), resume)
             if (ckpt_every > 0 and step % ckpt_every == 0) or step == num_steps:
                 checkpointer.save(step, state, train_iter)
+                writer.flush()  # metrics up to a checkpoint survive a lost VM
             if step == num_steps:
-                export_codec(os.path.join(workdir, "export"), setup, state)
+                export_codec(workdir / "export", setup, state)
     finally:
         preemption.restore()
         checkpointer.close()
@@ -359,14 +383,18 @@ def export_codec(path: str, setup: TrainingSetup, state: ts.TrainState) -> None:
     _print(f"exported the codec to {path}")
 
 
-def _check_skips(metrics: dict[str, jax.Array], step: int, max_skips: int) -> None:
+def _check_skips(metrics: dict[str, jax.Array], step: int, max_skips: int,
+                 checkpointer: Optional[TrainCheckpointer] = None) -> None:
     consecutive = int(jax.device_get(metrics["consecutive_skips"]))
     if max_skips > 0 and consecutive >= max_skips:
+        good = checkpointer.good_steps() if checkpointer is not None else []
+        newest = (f"the newest checkpoint is step {good[-1]}" if good
+                  else "no checkpoint was written")
         raise NonFiniteTrainingError(
-            f"stopping at step {step}: {consecutive} consecutive steps had non-finite losses "
-            f"or gradients, and their updates were skipped (parameters are those of step "
-            f"{step - consecutive}). Check the data for NaN/inf audio, lower the learning "
-            f"rate or raise the clipping, or restart from an earlier checkpoint; "
+            f"stopping at step {step}: {consecutive} consecutive steps had non-finite losses, "
+            f"gradients or updates, and their updates were skipped (parameters are those of "
+            f"step {step - consecutive}; {newest}). Check the data for NaN/inf audio, lower "
+            f"the learning rate or raise the clipping, or restart from an earlier checkpoint; "
             f"train.max_consecutive_skips={max_skips} sets this limit.")
 
 
@@ -403,16 +431,22 @@ def _evaluate(config, state, p_eval_step, mesh, writer, step: int) -> dict[str, 
         values.update(evaluation.reconstruction_metrics(
             np.concatenate([a for a, _ in pairs]), np.concatenate([r for _, r in pairs]),
             sample_rate=int(config.data.sample_rate), spectral=False, perceptual=True))
-    writer.scalars(step, values, prefix="eval/")
+    writer.write_scalars(step, {f"eval/{k}": v for k, v in values.items()})
     n = int(config.logging.num_audio_samples)
     if first is not None and n > 0:
         audio, recon = (multihost_utils.process_allgather(x, tiled=True) for x in first)
         rate = int(config.data.sample_rate)
         for i in range(min(n, audio.shape[0])):
-            writer.audio(step, f"eval/{i}/original", audio[i], rate)
-            writer.audio(step, f"eval/{i}/reconstruction", recon[i], rate)
-            writer.image(step, f"eval/{i}/spectrogram_original", tm.spectrogram_image(audio[i]))
-            writer.image(step, f"eval/{i}/spectrogram_reconstruction", tm.spectrogram_image(recon[i]))
+            for kind, clip in (("original", audio[i]), ("reconstruction", recon[i])):
+                problem = tm.finite_or_none(clip)
+                if problem is not None:  # a diverged model: no audio or picture of it
+                    log.warning("eval @ %d: %s clip %d not written to TensorBoard: %s",
+                                step, kind, i, problem)
+                    continue
+                writer.write_audios(step, {f"eval/{i}/{kind}": clip[None, :, None]},
+                                    sample_rate=rate)
+                writer.write_images(step, {f"eval/{i}/spectrogram_{kind}":
+                                           tm.spectrogram_image(clip)})
     writer.flush()
     _print("eval @ {}: {}".format(step, ", ".join(
         f"{k} {v:.4g}" for k, v in values.items() if not k.startswith("codes/"))))

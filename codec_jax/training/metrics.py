@@ -1,20 +1,30 @@
 """Training metrics: aggregation, TensorBoard/JSONL writing, console progress, images.
 
-TensorBoard files are written with tensorboardX (clu's writers need TensorFlow, which
-this project does not depend on). Only process 0 writes; every other process gets a
-writer whose methods do nothing, so the training loop needs no `if` around logging.
+TensorBoard files are written with tensorboardX. clu's metric writers were the plan,
+but clu 0.0.12 (the newest release) imports TensorFlow as soon as
+`clu.metric_writers` is imported, and this project does not depend on TensorFlow. The
+writers below keep clu's method names (`write_scalars`, `write_images`,
+`write_audios`, `flush`, `close`) so that a clu writer could stand in for them.
+
+`create_writer` gives process 0 the real writers and every other process a
+`MultiWriter` of none, so the training loop needs no `if` around logging. Every file
+goes through `etils.epath`, so the workdir may be a bucket (`gs://...`).
 """
 
 from __future__ import annotations
 
+import io
 import json
 import math
-import os
+import struct
 import time
 from typing import Any, Mapping, Optional, Sequence
 
 import jax
 import numpy as np
+from etils import epath
+
+from codec_jax.paths import as_path, is_remote
 
 # Per-step metrics that are counts over the interval rather than averages.
 _SUMMED = ("skipped",)
@@ -61,92 +71,244 @@ def device_memory() -> dict[str, float]:
     return out
 
 
-class MetricWriter:
-    """Scalars, audio and images to TensorBoard (`workdir/tensorboard`) and scalars to
-    `workdir/metrics.jsonl` (one JSON object per logged step, easy to read back)."""
+class TensorBoardWriter:
+    """TensorBoard event files written by tensorboardX: scalars, images, audio, text, histograms.
 
-    def __init__(self, workdir: str, *, enabled: bool = True, jsonl: bool = True):
-        self.enabled = enabled
-        self._tb = None
-        self._jsonl = None
-        if not enabled:
-            return
+    `logdir` may be local or any etils.epath URL; remote event files go through
+    `_EpathEventFile` (tensorboardX's own `gs://` writer would need google-cloud-storage
+    and credentials of its own).
+    """
+
+    def __init__(self, logdir: str | epath.Path):
         from tensorboardX import SummaryWriter
 
-        os.makedirs(workdir, exist_ok=True)
-        self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"), flush_secs=30)
-        if jsonl:
-            self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")
+        logdir = as_path(logdir)
+        if is_remote(logdir):
+            _register_epath_event_files(str(logdir).split("://", 1)[0])
+        else:
+            logdir.mkdir(parents=True, exist_ok=True)
+        self._tb = SummaryWriter(str(logdir), flush_secs=30)
 
-    def scalars(self, step: int, values: Mapping[str, float], prefix: str = "") -> None:
-        if not self.enabled:
-            return
-        row = {"step": int(step)}
-        for key, value in values.items():
-            name = f"{prefix}{key}"
-            value = float(value)
-            self._tb.add_scalar(name, value, int(step))
-            row[name] = value if math.isfinite(value) else str(value)
-        if self._jsonl is not None:
-            self._jsonl.write(json.dumps(row) + "\n")
-            self._jsonl.flush()
+    def write_scalars(self, step: int, scalars: Mapping[str, Any]) -> None:
+        for key, value in scalars.items():
+            self._tb.add_scalar(key, float(value), int(step))
 
-    def audio(self, step: int, name: str, audio: np.ndarray, sample_rate: int) -> None:
-        """audio float `[samples]` in [-1, 1]."""
-        if self.enabled:
-            clip = np.clip(np.asarray(audio, np.float32), -1.0, 1.0)
-            self._tb.add_audio(name, clip, int(step), sample_rate=int(sample_rate))
+    def write_images(self, step: int, images: Mapping[str, Any]) -> None:
+        """images uint8 `[height, width, channels]` or `[n, height, width, channels]`."""
+        for key, value in images.items():
+            value = np.asarray(value)
+            if value.ndim == 3:
+                self._tb.add_image(key, value, int(step), dataformats="HWC")
+            else:
+                self._tb.add_images(key, value, int(step), dataformats="NHWC")
 
-    def image(self, step: int, name: str, image: np.ndarray) -> None:
-        """image uint8 `[height, width, 3]`."""
-        if not self.enabled:
-            return
-        # tensorboardX's add_image needs PIL only to PNG-encode; encode here instead.
-        from tensorboardX.proto.summary_pb2 import Summary
+    def write_audios(self, step: int, audios: Mapping[str, Any], *, sample_rate: int) -> None:
+        """audios float `[n, samples, channels]` (clu's layout) in [-1, 1]; mono only,
+        the first of the `n` clips (TensorBoard shows one clip per tag and step)."""
+        for key, value in audios.items():
+            clip = np.clip(np.asarray(value, np.float32)[0, :, 0], -1.0, 1.0)
+            self._tb.add_audio(key, clip, int(step), sample_rate=int(sample_rate))
 
-        image = np.ascontiguousarray(image, np.uint8)
-        height, width, channels = image.shape
-        proto = Summary.Image(height=height, width=width, colorspace=channels,
-                              encoded_image_string=encode_png(image))
-        summary = Summary(value=[Summary.Value(tag=name, image=proto)])
-        self._tb._get_file_writer().add_summary(summary, int(step))
-
-    def text(self, step: int, name: str, text: str) -> None:
-        if self.enabled:
-            self._tb.add_text(name, text, int(step))
+    def write_texts(self, step: int, texts: Mapping[str, str]) -> None:
+        for key, value in texts.items():
+            self._tb.add_text(key, value, int(step))
 
     def flush(self) -> None:
-        if self.enabled:
-            self._tb.flush()
+        self._tb.flush()
 
     def close(self) -> None:
-        if self.enabled:
-            self._tb.close()
-            if self._jsonl is not None:
-                self._jsonl.close()
-            self.enabled = False
+        self._tb.close()
 
 
-# A 5-point approximation of matplotlib's "magma" colormap (matplotlib is not a
-# dependency); interpolated linearly in RGB.
-_MAGMA = np.array([[0, 0, 4], [81, 18, 124], [183, 55, 121], [252, 137, 97], [252, 253, 191]],
-                  np.float32)
+class JsonlWriter:
+    """Scalars as `{"step": 10, "train/loss/mel": 3.2, ...}` lines in one JSON-lines file
+    (easy to read back in a notebook or a test); everything else is ignored.
+
+    Non-finite values are written as the strings "nan", "inf", "-inf" (JSON has no
+    such numbers). A local file gets each row appended at once. Buckets cannot append, so
+    for a remote path the existing lines are read once and the whole object is
+    rewritten at each `flush` that has new lines (a few hundred kB over a long run);
+    the loop flushes at every eval and checkpoint.
+    """
+
+    def __init__(self, path: str | epath.Path):
+        self.path = as_path(path)
+        self._remote = is_remote(self.path)
+        self._pending: list[str] = []
+        self._written = ""
+        if self._remote:
+            if self.path.exists():
+                self._written = self.path.read_text()
+            if self._written and not self._written.endswith("\n"):
+                self._written += "\n"
+        else:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+
+    def write_scalars(self, step: int, scalars: Mapping[str, Any]) -> None:
+        row: dict[str, Any] = {"step": int(step)}
+        for key, value in scalars.items():
+            value = float(value)
+            row[key] = value if math.isfinite(value) else str(value)
+        self._pending.append(json.dumps(row) + "\n")
+        if not self._remote:
+            self.flush()  # a local append is cheap: every row is on disk at once
+
+    def flush(self) -> None:
+        if not self._pending:
+            return
+        new, self._pending = "".join(self._pending), []
+        if self._remote:
+            self._written += new
+            self.path.write_text(self._written)
+        else:
+            with self.path.open("a") as f:
+                f.write(new)
+
+    def close(self) -> None:
+        self.flush()
+
+    def write_images(self, step: int, images: Mapping[str, Any]) -> None:
+        pass
+
+    def write_audios(self, step: int, audios: Mapping[str, Any], *, sample_rate: int) -> None:
+        pass
+
+    def write_texts(self, step: int, texts: Mapping[str, str]) -> None:
+        pass
 
 
-def colorize(values: np.ndarray) -> np.ndarray:
-    """values in [0, 1], any shape -> uint8 RGB `[..., 3]`."""
-    x = np.clip(values, 0.0, 1.0) * (len(_MAGMA) - 1)
-    lo = np.floor(x).astype(np.int64)
-    hi = np.minimum(lo + 1, len(_MAGMA) - 1)
-    frac = (x - lo)[..., None]
-    return (_MAGMA[lo] * (1 - frac) + _MAGMA[hi] * frac).astype(np.uint8)
+class MultiWriter:
+    """Forwards every call to each of `writers` (none: a writer that writes nothing)."""
+
+    def __init__(self, writers: Sequence[Any] = ()):
+        self.writers = list(writers)
+
+    def write_scalars(self, step: int, scalars: Mapping[str, Any]) -> None:
+        for w in self.writers:
+            w.write_scalars(step, scalars)
+
+    def write_images(self, step: int, images: Mapping[str, Any]) -> None:
+        for w in self.writers:
+            w.write_images(step, images)
+
+    def write_audios(self, step: int, audios: Mapping[str, Any], *, sample_rate: int) -> None:
+        for w in self.writers:
+            w.write_audios(step, audios, sample_rate=sample_rate)
+
+    def write_texts(self, step: int, texts: Mapping[str, str]) -> None:
+        for w in self.writers:
+            w.write_texts(step, texts)
+
+    def flush(self) -> None:
+        for w in self.writers:
+            w.flush()
+
+    def close(self) -> None:
+        for w in self.writers:
+            w.close()
+
+
+def create_writer(workdir: str | epath.Path, *, enabled: bool = True,
+                  jsonl: bool = True) -> MultiWriter:
+    """TensorBoard (`workdir/tensorboard`) and, with `jsonl`, `workdir/metrics.jsonl`;
+    a writer that writes nothing when not `enabled` (the processes other than 0 of a
+    multi-host run)."""
+    if not enabled:
+        return MultiWriter()
+    workdir = as_path(workdir)
+    writers: list[Any] = [TensorBoardWriter(workdir / "tensorboard")]
+    if jsonl:
+        writers.append(JsonlWriter(workdir / "metrics.jsonl"))
+    return MultiWriter(writers)
+
+
+class _EpathEventFile:
+    """A TensorBoard event file on an object store, written through etils.epath.
+
+    Objects cannot be appended to, so the file's bytes are kept and the whole object is
+    rewritten at each flush (what tensorboardX's own GCS writer does). Past
+    `max_bytes` the writer continues, at the next record, in a new object `<name>.0001`, `<name>.0002`, ...
+    (TensorBoard reads every `*tfevents*` file of a directory in name order), so each
+    flush rewrites at most `max_bytes` however long the run.
+    """
+
+    def __init__(self, path: str, max_bytes: int):
+        self.base, self.part, self.max_bytes = path, 0, max_bytes
+        self.buffer = io.BytesIO()
+        self.closed = False
+        self._record_left = 0  # bytes of the current TFRecord still to come
+
+    def _path(self) -> epath.Path:
+        return epath.Path(self.base if self.part == 0 else f"{self.base}.{self.part:04d}")
+
+    def write(self, data: bytes) -> None:
+        # tensorboardX writes a record as 4 pieces, the first its 8-byte length (TFRecord
+        # framing: length, crc, data, crc); a new part may only start there.
+        if self._record_left == 0:
+            if self.buffer.tell() >= self.max_bytes:
+                self.flush()
+                self.part += 1
+                self.buffer = io.BytesIO()
+            (length,) = struct.unpack("<Q", data[:8])
+            self._record_left = 8 + 4 + length + 4
+        self.buffer.write(data)
+        self._record_left -= len(data)
+
+    def flush(self) -> None:
+        if self.buffer.tell():
+            self._path().write_bytes(self.buffer.getvalue())
+
+    def close(self) -> None:
+        if not self.closed:
+            self.flush()
+            self.closed = True
+
+
+# Size of one remote event-file object (each flush rewrites the current one).
+REMOTE_EVENT_PART_BYTES = 16 * 2 ** 20
+
+
+class _EpathEventFileFactory:
+    def open(self, path: str) -> _EpathEventFile:
+        return _EpathEventFile(path, REMOTE_EVENT_PART_BYTES)
+
+    def directory_check(self, path: str) -> None:
+        epath.Path(path).mkdir(parents=True, exist_ok=True)
+
+
+def _register_epath_event_files(scheme: str) -> None:
+    """Route tensorboardX's event files under `scheme://` through etils.epath."""
+    from tensorboardX import record_writer
+
+    record_writer.register_writer_factory(scheme, _EpathEventFileFactory())
+
+
+def finite_or_none(audio: np.ndarray) -> Optional[str]:
+    """None if every sample of `audio` is finite, else a short description of what is not."""
+    audio = np.asarray(audio)
+    bad = ~np.isfinite(audio)
+    if not bad.any():
+        return None
+    return (f"{int(bad.sum())} of {audio.size} samples are non-finite "
+            f"({int(np.isnan(audio).sum())} NaN)")
 
 
 def spectrogram_image(audio: np.ndarray, n_fft: int = 512, hop: Optional[int] = None,
-                      dynamic_range_db: float = 80.0) -> np.ndarray:
+                      dynamic_range_db: float = 80.0, colormap: str = "magma") -> np.ndarray:
     """Log-magnitude spectrogram picture of one clip: float `[samples]` -> uint8
-    `[n_fft // 2 + 1, frames, 3]`, low frequencies at the bottom, 0 dB at the clip's peak."""
+    `[n_fft // 2 + 1, frames, 3]`, low frequencies at the bottom, 0 dB at the clip's
+    peak, coloured with a matplotlib colormap.
+
+    Raises:
+      ValueError: the clip holds NaN or inf samples (a diverged model); there is no
+        meaningful picture of it.
+    """
+    from matplotlib import colormaps
+
     audio = np.asarray(audio, np.float32)
+    problem = finite_or_none(audio)
+    if problem is not None:
+        raise ValueError(f"no spectrogram of a clip with non-finite audio: {problem}")
     hop = hop or n_fft // 4
     if audio.shape[0] < n_fft:
         audio = np.pad(audio, (0, n_fft - audio.shape[0]))
@@ -156,27 +318,9 @@ def spectrogram_image(audio: np.ndarray, n_fft: int = 512, hop: Optional[int] = 
     mag = np.abs(np.fft.rfft(audio[idx] * window, axis=-1)).T  # [freq, frames]
     db = 20 * np.log10(np.maximum(mag, 1e-8))
     db = db - db.max()
-    return colorize((db + dynamic_range_db) / dynamic_range_db)[::-1]
-
-
-def encode_png(image: np.ndarray) -> bytes:
-    """uint8 RGB `[height, width, 3]` -> PNG file bytes (no imaging library needed)."""
-    import struct
-    import zlib
-
-    height, width, channels = image.shape
-    if channels != 3 or image.dtype != np.uint8:
-        raise ValueError(f"expected uint8 [height, width, 3], got {image.dtype} {image.shape}")
-
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return (struct.pack(">I", len(data)) + kind + data
-                + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF))
-
-    # Each row is prefixed with filter type 0 (none).
-    raw = np.concatenate([np.zeros((height, 1), np.uint8), image.reshape(height, -1)], axis=1)
-    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)  # 8-bit RGB
-    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header)
-            + chunk(b"IDAT", zlib.compress(raw.tobytes(), 6)) + chunk(b"IEND", b""))
+    rgba = colormaps[colormap](np.clip((db + dynamic_range_db) / dynamic_range_db, 0.0, 1.0),
+                               bytes=True)
+    return np.ascontiguousarray(rgba[::-1, :, :3])
 
 
 def format_duration(seconds: float) -> str:

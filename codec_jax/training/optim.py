@@ -46,7 +46,9 @@ def build_optimizer(cfg: ml_collections.ConfigDict) -> optax.GradientTransformat
     update is readable from the state (:func:`current_learning_rate`) for logging.
     ``clip_norm <= 0`` disables clipping.
     """
-    adamw = optax.inject_hyperparams(optax.adamw)(
+    # `mask` must be static: inject_hyperparams calls every callable argument with the step
+    # count as if it were a schedule, which turned the kernel-only mask into "decay nothing".
+    adamw = optax.inject_hyperparams(optax.adamw, static_args=("mask",))(
         learning_rate=learning_rate_schedule(cfg),
         b1=float(cfg.b1),
         b2=float(cfg.b2),

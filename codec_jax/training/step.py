@@ -1,6 +1,6 @@
 """The GAN train step and the eval step: pure functions over `TrainState`.
 
-One generator forward per step (DAC runs it twice):
+One generator forward per step, as DAC's PyTorch loop (the JAX port DAC-JAX runs it twice):
 
 1. `jax.vjp` of the generator at the current parameters gives the reconstruction,
    the quantizer losses and a VJP closure that keeps the forward's residuals.
@@ -11,14 +11,20 @@ One generator forward per step (DAC runs it twice):
    EnCodec balancer, and that cotangent is pulled back through the saved VJP together
    with the quantizer-loss weights. The generator is never run forward a second time.
 
-If any loss or gradient norm is non-finite the whole update is dropped: parameters,
-optimizer states, codebook statistics and the balancer keep their old values, and the
-skip is counted.
+If any loss or gradient norm is non-finite, or the update itself produced a NaN/inf
+anywhere in the *new* parameters, optimizer states, EMA codebook statistics or balancer
+state (a NaN learning rate, an overflowing moment), the whole update is dropped:
+everything keeps its old value and the skip is counted. The check of the new state is
+one fused reduction over all its leaves, read by no one until the step's end.
+
+`validate_hyperparameters(config)` rejects non-finite or out-of-range learning rates,
+clipping norms and loss weights before anything is built, with the key's name.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any, Callable, Mapping, Optional
 
 import jax
@@ -27,6 +33,8 @@ import ml_collections
 import optax
 
 from codec_jax import losses as L
+from codec_jax.nn.quantizer import code_health
+from codec_jax.errors import UsageError
 from codec_jax.training.balancer import Balancer
 from codec_jax.training import optim
 from codec_jax.training.builders import GeneratorAdapter
@@ -62,8 +70,10 @@ class LossSettings:
         weights = {k: float(v) for k, v in cfg.weights.items()}
         unknown = sorted(set(weights) - set(RECON_LOSSES) - set(QUANTIZER_LOSSES))
         if unknown:
-            raise ValueError(f"unknown loss weights {unknown}; known: "
+            raise UsageError(f"unknown loss weights {unknown}; known: "
                              f"{list(RECON_LOSSES + QUANTIZER_LOSSES)}")
+        for name, value in weights.items():
+            _check_number(f"losses.weights.{name}", value, low=0.0)
         return cls(
             sample_rate=int(sample_rate),
             weights=tuple(sorted(weights.items())),
@@ -102,6 +112,59 @@ class LossSettings:
             window=self.mel_window, mel_fmin=self.mel_fmin, mel_fmax=self.mel_fmax)
 
 
+def _check_number(key: str, value: Any, *, low: Optional[float] = None,
+                  high: Optional[float] = None, low_open: bool = False,
+                  high_open: bool = False) -> float:
+    """`float(value)`, or a `UsageError` naming `key` when it is not a finite number in
+    the range (`low`/`high` bounds, open when `*_open`)."""
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise UsageError(f"{key}={value!r} is not a number") from None
+    if low is not None and high is not None:
+        where = f" in {'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
+    elif low is not None:
+        where = f" {'>' if low_open else '>='} {low:g}"
+    else:
+        where = ""
+    bad = not math.isfinite(number)
+    if low is not None:
+        bad = bad or number < low or (low_open and number == low)
+    if high is not None:
+        bad = bad or number > high or (high_open and number == high)
+    if bad:
+        raise UsageError(f"{key}={value!r} must be a finite number{where}")
+    return number
+
+
+def validate_hyperparameters(config: ml_collections.ConfigDict) -> None:
+    """Raise `UsageError` for a learning rate, schedule, clipping norm, Adam constant,
+    loss weight or balancer setting that is non-finite or out of range.
+
+    A NaN learning rate or an infinite loss weight would otherwise only show up as a
+    run of skipped steps (see the module docstring); here it is named before anything
+    is built.
+    """
+    for role in ("generator", "discriminator"):
+        opt = config.optimizer[role]
+        key = f"optimizer.{role}"
+        _check_number(f"{key}.learning_rate", opt.learning_rate, low=0.0, high=1.0, low_open=True)
+        _check_number(f"{key}.decay_rate", opt.decay_rate, low=0.0, high=1.0, low_open=True)
+        _check_number(f"{key}.b1", opt.b1, low=0.0, high=1.0, high_open=True)
+        _check_number(f"{key}.b2", opt.b2, low=0.0, high=1.0, high_open=True)
+        _check_number(f"{key}.eps", opt.get("eps", 1e-8), low=0.0, low_open=True)
+        _check_number(f"{key}.weight_decay", opt.weight_decay, low=0.0)
+        # clip_norm <= 0 disables clipping (see training/optim.py); it must still be finite.
+        _check_number(f"{key}.clip_norm", opt.clip_norm)
+        _check_number(f"{key}.warmup_steps", opt.get("warmup_steps", 0), low=0.0)
+    losses = config.losses  # weights: checked by LossSettings.from_config
+    if bool(losses.balancer.enabled):
+        _check_number("losses.balancer.total_norm", losses.balancer.total_norm, low=0.0,
+                      low_open=True)
+        _check_number("losses.balancer.ema_decay", losses.balancer.ema_decay, low=0.0,
+                      high=1.0, high_open=True)
+
+
 def _interleave(a: jax.Array, b: jax.Array) -> jax.Array:
     """`[B, T]`, `[B, T]` -> `[2B, T]` as rows a0, b0, a1, b1, ...
 
@@ -123,27 +186,33 @@ def _deinterleave(tree: Any) -> tuple[Any, Any]:
     return first, second
 
 
-def _all_finite(*values: jax.Array) -> jax.Array:
-    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(v)) for v in values]))
+def _all_finite(*trees: Any) -> jax.Array:
+    """bool `[]`: every floating-point leaf of `trees` is free of NaN and inf.
+
+    A chain of per-leaf counts added up (the shape of `optax.tree.norm`, which XLA
+    fuses into the producers' loops) rather than one giant stack of per-leaf flags;
+    counting with integers keeps it exact and immune to fast-math folding.
+    """
+    leaves = [x for t in trees for x in jax.tree_util.tree_leaves(t)
+              if jnp.issubdtype(jnp.asarray(x).dtype, jnp.inexact)]
+    bad = jnp.zeros((), jnp.int32)
+    for x in leaves:
+        bad = bad + jnp.sum(~jnp.isfinite(x), dtype=jnp.int32)
+    return bad == 0
 
 
 def _select(ok: jax.Array, new: Any, old: Any) -> Any:
     return jax.tree_util.tree_map(lambda n, o: jnp.where(ok, n, o), new, old)
 
 
-def codebook_health(codes: list[jax.Array], codebook_size: int) -> Metrics:
-    """Per-level usage statistics of a batch of codes (each int32 `[batch, frames]`).
-
-    `batch_usage`: fraction of the codebook used in the batch; `batch_perplexity`: exp of the
-    entropy of the code histogram (= codebook size for a uniform code distribution).
-    """
+def codebook_health(codes: list[jax.Array], codebook_sizes: tuple[int, ...]) -> Metrics:
+    """Per-level `batch_usage` / `batch_perplexity` (`quantizer.code_health`) of a batch of
+    codes (each int32 `[batch, frames]`), level `l` out of `codebook_sizes[l]` codes."""
     out = {}
-    for level, c in enumerate(codes):
-        counts = jnp.bincount(c.reshape(-1), length=codebook_size).astype(jnp.float32)
-        p = counts / jnp.maximum(jnp.sum(counts), 1.0)
-        entropy = -jnp.sum(jnp.where(p > 0, p * jnp.log(jnp.where(p > 0, p, 1.0)), 0.0))
-        out[f"codebook/level_{level}/batch_usage"] = jnp.mean(counts > 0)
-        out[f"codebook/level_{level}/batch_perplexity"] = jnp.exp(entropy)
+    for level, (c, size) in enumerate(zip(codes, codebook_sizes)):
+        perplexity, usage = code_health(c, size)
+        out[f"codebook/level_{level}/batch_usage"] = usage
+        out[f"codebook/level_{level}/batch_perplexity"] = perplexity
     return out
 
 
@@ -252,8 +321,14 @@ def make_train_step(
         gen_norm = optax.tree.norm(gen_grads)
         disc_norm = optax.tree.norm(disc_grads)
 
-        # 4. Drop the whole update if anything is non-finite.
-        ok = _all_finite(gen_total, disc_loss, gen_norm, disc_norm)
+        # 4. Drop the whole update if anything is non-finite: the losses and gradient
+        #    norms, and also what the update produced (a NaN learning rate or a NaN
+        #    already in an optimizer moment leaves the losses finite but poisons the
+        #    new parameters).
+        losses_ok = _all_finite(gen_total, disc_loss, gen_norm, disc_norm)
+        update_ok = _all_finite(gen_params, disc_params, gen_opt_state, disc_opt_state,
+                                aux["codebook"], new_balancer)
+        ok = losses_ok & update_ok
         new_state = TrainState(
             step=state.step + 1,
             rng=state.rng,
@@ -279,9 +354,11 @@ def make_train_step(
         metrics["lr/generator"] = optim.current_learning_rate(gen_opt_state)
         metrics["lr/discriminator"] = optim.current_learning_rate(disc_opt_state)
         metrics["skipped"] = (~ok).astype(jnp.int32)
+        # Skips whose losses were finite: the update itself was non-finite.
+        metrics["skipped_bad_update"] = (losses_ok & ~update_ok).astype(jnp.int32)
         metrics["skipped_total"] = new_state.skipped_steps
         metrics["consecutive_skips"] = new_state.consecutive_skips
-        metrics.update(codebook_health(aux["codes"], generator.config.codebook_size))
+        metrics.update(codebook_health(aux["codes"], generator.codebook_sizes))
         for name, per_level in aux["quantizer_metrics"].items():
             for level, value in enumerate(per_level):
                 metrics[f"codebook/level_{level}/{name}"] = jnp.asarray(value, jnp.float32)
@@ -311,7 +388,7 @@ def make_eval_step(*, generator: GeneratorAdapter, loss_settings: LossSettings
             "waveform_l1": L.waveform_l1_loss(recon, audio),
         }
         metrics.update({k.replace("codebook/", "codes/"): v for k, v in
-                        codebook_health(out["codes"], generator.config.codebook_size).items()})
+                        codebook_health(out["codes"], generator.codebook_sizes).items()})
         return metrics, recon
 
     return eval_step

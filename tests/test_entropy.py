@@ -1,0 +1,112 @@
+"""Entropy coding of codes (codec_jax/audio/entropy.py): lossless, smaller than fixed
+width where codes are predictable, and corruption raises instead of returning garbage."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import given, settings, strategies as st
+
+from codec_jax.audio import entropy as E
+
+SIZES = (256, 256, 256)
+STRIDES = (4, 2, 1)
+
+
+def _markov_clip(rng, frames: int):
+    """Codes with the structure a codec's have: a slowly moving coarse level, finer
+    levels that depend on the level above and on their previous code."""
+    l0 = np.cumsum(rng.integers(-2, 3, frames)) % SIZES[0]
+    l1 = (np.repeat(l0, 2) * 7 + rng.integers(0, 4, 2 * frames)) % SIZES[1]
+    l2 = (np.repeat(l1, 2) * 3 + rng.integers(0, 3, 4 * frames)) % SIZES[2]
+    return [l0.astype(np.int32), l1.astype(np.int32), l2.astype(np.int32)]
+
+
+@pytest.fixture(scope="module")
+def corpus():
+    rng = np.random.default_rng(0)
+    return [_markov_clip(rng, int(rng.integers(10, 120))) for _ in range(40)]
+
+
+@pytest.fixture(scope="module")
+def model(corpus):
+    return E.ContextModel.fit(corpus, SIZES, STRIDES)
+
+
+def _same(a, b):
+    return len(a) == len(b) and all(np.array_equal(x, y) for x, y in zip(a, b))
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.integers(0, 300), min_size=3, max_size=3), st.integers(0, 2**31 - 1))
+def test_adaptive_is_lossless_on_random_streams(frames, seed):
+    rng = np.random.default_rng(seed)
+    levels = [rng.integers(0, v, n).astype(np.int32) for n, v in zip(frames, SIZES)]
+    assert _same(E.decode(E.encode(levels, SIZES)), levels)
+
+
+def test_context_model_is_lossless_and_beats_adaptive_and_fixed(corpus, model):
+    rng = np.random.default_rng(123)  # clips the model was not fitted on
+    fixed = adaptive = context = 0
+    for _ in range(5):
+        clip = _markov_clip(rng, 100)
+        a, c = E.encode(clip, SIZES), E.encode(clip, SIZES, model=model)
+        assert _same(E.decode(a), clip) and _same(E.decode(c, model=model), clip)
+        fixed += E.fixed_width_bits([x.size for x in clip], SIZES)
+        adaptive, context = adaptive + 8 * len(a), context + 8 * len(c)
+    # Uniform 8-bit codes cannot be compressed; these have ~2 bits of entropy per code
+    # given their context, so the context model must get well under half of fixed width.
+    assert context < 0.5 * fixed
+    assert context < adaptive
+
+
+def test_context_model_round_trips_unseen_contexts_and_uniform_noise(model):
+    rng = np.random.default_rng(7)
+    noise = [rng.integers(0, v, n).astype(np.int32) for n, v in zip((30, 60, 120), SIZES)]
+    assert _same(E.decode(E.encode(noise, SIZES, model=model), model=model), noise)
+
+
+def test_model_save_load_keeps_identity(tmp_path, model, corpus):
+    model.save(tmp_path / "m.npz")
+    loaded = E.ContextModel.load(tmp_path / "m.npz")
+    assert loaded.model_id == model.model_id
+    stream = E.encode(corpus[0], SIZES, model=model)
+    assert _same(E.decode(stream, model=loaded), corpus[0])
+
+
+def test_stream_under_another_model_or_without_one_is_refused(corpus, model):
+    other = E.ContextModel.fit(corpus[:10], SIZES, STRIDES)
+    stream = E.encode(corpus[0], SIZES, model=model)
+    with pytest.raises(E.EntropyStreamError, match="different context model"):
+        E.decode(stream, model=other)
+    with pytest.raises(E.EntropyStreamError, match="pass the same model"):
+        E.decode(stream)
+
+
+@settings(max_examples=150, deadline=None)
+@given(data=st.data())
+def test_corrupted_or_truncated_streams_raise_or_decode_exactly(corpus, model, data):
+    """Any byte flip or truncation gives EntropyStreamError or (flips in padding bits
+    the range decoder never reads) exactly the original codes: never other codes."""
+    use_model = data.draw(st.booleans())
+    clip = corpus[data.draw(st.integers(0, len(corpus) - 1))]
+    stream = bytearray(E.encode(clip, SIZES, model=model if use_model else None))
+    if data.draw(st.booleans()):
+        stream = stream[: data.draw(st.integers(0, len(stream) - 1))]
+    else:
+        i = data.draw(st.integers(0, len(stream) - 1))
+        stream[i] ^= data.draw(st.integers(1, 255))
+    try:
+        out = E.decode(bytes(stream), model=model if use_model else None)
+    except E.EntropyStreamError:
+        return
+    assert _same(out, clip)
+
+
+def test_bad_codes_are_rejected_before_coding():
+    with pytest.raises(ValueError, match=r"in \[0, 256\)"):
+        E.encode([np.array([0, 256]), np.zeros(2, int), np.zeros(4, int)], SIZES)
+    with pytest.raises(ValueError, match="3 codebook sizes"):
+        E.encode([np.zeros(2, int)], SIZES)
+    with pytest.raises(E.EntropyStreamError, match="bad magic"):
+        E.decode(b"RIFF0000")
