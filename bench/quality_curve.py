@@ -12,6 +12,24 @@ one CSV row per step; `plot` draws the curve.
     python bench/quality_curve.py run --workdir /tmp/qc --config tiny --steps 2,4 \
         --source-dir /tmp/some_wavs --dataset qc_tiny_16k --set train.batch_size=2
 
+On a lent H200 (no network; at most 10 minutes a command, so one call per segment): the
+demo audio (/usr/share/klettres, 47 MB of ogg) and the wheels (.whl/, with this script's
+pesq, libsvm-official, pystoi and visqol-python built for CPython 3.12) travel as ignored
+paths, and the workdir stays on the machine between back-to-back calls:
+
+    cp -r /usr/share/klettres workdir_klettres          # once, on the dev machine
+    # device command (carry: .whl, workdir_klettres); repeat it to go on:
+    python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl && \
+      export PYTHONPATH=$PWD:/tmp/site && \
+      python3 bench/quality_curve.py run --workdir workdir_qc --source-dir workdir_klettres \
+        --data-dir workdir_qc/tfds --steps 500,1000,2000,4000,8000,16000 \
+        --time-limit-minutes 9 && \
+      python3 bench/quality_curve.py plot workdir_qc/quality_curve.csv --png $OUT/quality_curve.png && \
+      cp workdir_qc/quality_curve.csv $OUT/
+
+At ~66 ms per GAN step (BENCHMARKS.md, H200, batch 16 x 1 s) a 9-minute call trains about
+6000 steps after compilation.
+
 What a call does, each step skipped when already done (so repeated calls resume):
   1. dataset: `codec-jax prepare-data --source-dir` into `--data-dir` unless the TFDS
      dataset is there (scripts/prepare_demo_data.sh builds `klettres_speech_24k` from the
@@ -292,8 +310,9 @@ def run(args) -> int:
                 raise SystemExit(f"training reached step {step} but wrote no export")
         t0 = time.monotonic()
         eval_dir = work / "evals" / str(step)
+        # All levels only: the curve records full-bitrate quality (fewer shapes to compile).
         eval_args = ["eval", str(export), f"@{listing}", "--out", str(eval_dir), "--overwrite",
-                     "--batch-size", str(args.eval_batch_size), "--quiet"]
+                     "--batch-size", str(args.eval_batch_size), "--levels", "full", "--quiet"]
         if args.no_visqol:
             eval_args.append("--no-visqol")
         if _codec_jax(*eval_args, env=env) != 0:
@@ -308,11 +327,13 @@ def run(args) -> int:
 
 
 def plot_quality_curve(csv_path: str | os.PathLike, png_path: str | os.PathLike, title: str = "") -> None:
-    """Each metric of the CSV against GPU-minutes (log x), step numbers as labels."""
+    """Each metric of the CSV against GPU-minutes (log x when they span decades), step
+    numbers as labels."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     rows = _read_rows(Path(csv_path))
     if not rows:
@@ -339,7 +360,9 @@ def plot_quality_curve(csv_path: str | os.PathLike, png_path: str | os.PathLike,
                 ax.plot(x, y, marker="o")
             for xi, yi, r in zip(x, y, rows):
                 ax.annotate(r["step"], (xi, yi), textcoords="offset points", xytext=(3, 4), fontsize=7)
-        ax.set_xscale("log")
+        if max(x) / min(x) > 20:  # steps 500 .. 100k span decades of compute
+            ax.set_xscale("log")
+            ax.xaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
         ax.set_xlabel("training GPU-minutes (labels: steps)")
         ax.set_title(label, fontsize=10)
     fig.suptitle(title or f"quality vs training compute ({rows[-1]['files']} validation files, "

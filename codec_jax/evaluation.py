@@ -21,9 +21,10 @@ Metrics (definitions, modes and rates in docs/evaluation.md):
   visqol         ViSQOL v3 MOS-LQO (pip `visqol-python`): "audio" mode at 48 kHz (music,
                  general audio) or "speech" mode at 16 kHz.
 
-The spectral metrics and SI-SDR are computed on the accelerator in one jitted call per
-batch; files of different lengths share a batch, each masked to its own length, so the
-result for a file equals the metric of that file alone. PESQ, STOI and ViSQOL are CPU
+Files of different lengths share a batch: the codec takes each row's length (its codes
+and audio are those of the file coded alone), and the spectral metrics and SI-SDR are
+computed on the accelerator in one jitted call per batch with each row masked to its own
+length, so every figure equals that of the file alone. PESQ, STOI and ViSQOL are CPU
 work and run in worker processes while the accelerator codes the next batch.
 
 JAX is imported only inside functions: the perceptual worker processes import this module
@@ -251,8 +252,9 @@ def perceptual_metrics_one(reference: np.ndarray, estimate: np.ndarray, sample_r
         import pesq as pesq_lib
 
         try:
-            out["pesq_wb"] = float(pesq_lib.pesq(PESQ_RATE, _resample(reference, sample_rate, PESQ_RATE),
-                                                 _resample(estimate, sample_rate, PESQ_RATE), "wb"))
+            with np.errstate(invalid="ignore", divide="ignore"):  # pesq divides silence by its peak
+                out["pesq_wb"] = float(pesq_lib.pesq(PESQ_RATE, _resample(reference, sample_rate, PESQ_RATE),
+                                                     _resample(estimate, sample_rate, PESQ_RATE), "wb"))
         except pesq_lib.PesqError:  # no utterance found, or a clip too short for P.862
             out["pesq_wb"] = math.nan
     if stoi:
@@ -271,9 +273,14 @@ def perceptual_metrics_one(reference: np.ndarray, estimate: np.ndarray, sample_r
     if visqol_mode is not None:
         rate = VISQOL_RATES[visqol_mode]
         api = _visqol_api(visqol_mode)
-        result = api.measure_from_arrays(_resample(reference, sample_rate, rate),
-                                         _resample(estimate, sample_rate, rate), rate)
-        out["visqol"] = float(result.moslqo)
+        try:
+            result = api.measure_from_arrays(_resample(reference, sample_rate, rate),
+                                             _resample(estimate, sample_rate, rate), rate)
+            out["visqol"] = float(result.moslqo)
+        except (ValueError, IndexError):
+            # visqol-python's ways of saying a clip is shorter than one of its patches
+            # (ValueError in audio mode, an IndexError in speech mode, ~0.1 s clips).
+            out["visqol"] = math.nan
     return out
 
 
@@ -440,7 +447,7 @@ def code_statistics(counts: np.ndarray) -> dict[str, float]:
         return {"codebook_size": size, "codes": 0, "used": 0, "usage": 0.0, "entropy_bits": 0.0,
                 "perplexity": 1.0, "headroom_bits": math.log2(size)}
     p = counts[counts > 0] / total
-    entropy = float(-(p * np.log2(p)).sum())
+    entropy = max(0.0, float(-(p * np.log2(p)).sum()))  # no "-0.0" for a single used code
     return {"codebook_size": int(size), "codes": int(total), "used": int(np.count_nonzero(counts)),
             "usage": float(np.count_nonzero(counts) / size), "entropy_bits": entropy,
             "perplexity": float(2.0 ** entropy), "headroom_bits": float(math.log2(size) - entropy)}
@@ -449,50 +456,21 @@ def code_statistics(counts: np.ndarray) -> dict[str, float]:
 # ---------------------------------------------------------------------- inputs and model
 
 
-def expand_inputs(inputs: Sequence[str]) -> list[str]:
+def expand_inputs(inputs: Sequence[str]):
     """Files, directories (searched recursively for audio) and `@list.txt` files (one path
-    per line, relative to the list's folder; blank lines and `#` comments skipped) -> paths,
-    in order, without duplicates."""
-    from codec_jax.audio.io import find_audio_files
+    per line, relative to the list's folder; `#` comments) -> `corpus.InputFile`s, as
+    `codec-jax encode-corpus` takes them: each with the `relpath` its outputs are named by.
+    A missing file, or no file at all, is a UsageError before any work."""
+    from codec_jax.audio.io import AUDIO_EXTENSIONS
+    from codec_jax.corpus import collect_inputs
 
-    out: list[str] = []
-
-    def add(path: str, origin: str) -> None:
-        if os.path.isdir(path):
-            found = find_audio_files(path)
-            if not found:
-                raise UsageError(f"{path}: no audio files in this directory")
-            out.extend(os.path.join(path, f) for f in found)
-        elif os.path.isfile(path):
-            out.append(path)
-        else:
-            raise UsageError(f"{path}: no such file or directory{origin}")
-
-    for item in inputs:
-        if item.startswith("@"):
-            listing = item[1:]
-            try:
-                lines = Path(listing).read_text().splitlines()
-            except OSError as e:
-                raise UsageError(f"{listing}: cannot read the file list ({e.strerror})") from None
-            base = os.path.dirname(os.path.abspath(listing))
-            for number, line in enumerate(lines, 1):
-                line = line.strip()
-                if line and not line.startswith("#"):
-                    add(line if os.path.isabs(line) else os.path.join(base, line),
-                        f" (line {number} of {listing})")
-        else:
-            add(item, "")
-    seen: set[str] = set()
-    unique = []
-    for p in out:
-        key = os.path.abspath(p)
-        if key not in seen:
-            seen.add(key)
-            unique.append(p)
-    if not unique:
-        raise UsageError("no input files")
-    return unique
+    files = collect_inputs(inputs, AUDIO_EXTENSIONS)
+    for f in files:
+        if not os.path.isfile(f.path):
+            raise UsageError(f"{f.path}: no such file")
+    if not files:
+        raise UsageError(f"no audio files in {' '.join(inputs)}")
+    return files
 
 
 def read_mono(path: str, sample_rate: int) -> np.ndarray:
@@ -500,10 +478,10 @@ def read_mono(path: str, sample_rate: int) -> np.ndarray:
     from codec_jax.audio import io as audio_io
 
     try:
-        decoded = audio_io.read_audio(path, target_sample_rate=sample_rate)
+        decoded = audio_io.read_audio(path, target_sample_rate=sample_rate, dtype="float32", mix=True)
     except audio_io.AudioReadError as e:
         raise WorkError(str(e)) from None
-    return audio_io.pcm16_to_float(decoded.pcm).mean(axis=1)
+    return decoded.pcm[:, 0]
 
 
 def model_identity(codec, source: str) -> dict[str, Any]:
@@ -530,27 +508,17 @@ def model_identity(codec, source: str) -> dict[str, Any]:
 # ------------------------------------------------------------------------ coding files
 
 
-def _codec_takes_lengths(codec) -> bool:
-    import inspect
-
-    return "lengths" in inspect.signature(codec.encode).parameters
-
-
 def _group_length(codec, num_samples: int) -> int:
-    """Padded length a file is batched at. Without per-row lengths in the codec, only
-    files of equal padded length can share a batch (their codes then equal those of
-    each file alone); with them, lengths are bucketed (1, 2, 3, 4, 6, 8, 12, ... padding
-    units) so that few shapes compile."""
+    """Width a file is batched at: its padded length rounded up to 1, 2, 3, 4, 6, 8, 12,
+    ... padding units (at most 50 % padding), so that few shapes compile. The codec's
+    per-row `lengths` make each file's codes and audio those of the file alone."""
     config = codec.config
-    padded = config.padded_length(num_samples)
-    if not _codec_takes_lengths(codec):
-        return padded
-    units = padded // config.pad_multiple
+    units = config.padded_length(num_samples) // config.pad_multiple
     bucket = 1
-    while bucket < units:  # 1, 2, 3, 4, 6, 8, 12, 16, ...: at most 50 % padding
+    while bucket < units:
         is_power_of_two = bucket & (bucket - 1) == 0
         bucket = bucket * 3 // 2 if is_power_of_two and bucket >= 2 else bucket * 2 if is_power_of_two else bucket // 3 * 4
-    return max(bucket, units) * config.pad_multiple
+    return bucket * config.pad_multiple
 
 
 def _batch_rows(count: int, batch_size: int) -> int:
@@ -573,12 +541,9 @@ def code_batch(codec, audio: np.ndarray, lengths: np.ndarray, levels: Sequence[i
     """
     import jax
 
-    if _codec_takes_lengths(codec):
-        codes = codec.encode(audio, lengths=lengths)
-        recon = {k: codec.decode(codes[:k], lengths=lengths) for k in levels}
-    else:
-        codes = codec.encode(audio)
-        recon = {k: codec.decode(codes[:k]) for k in levels}
+    width = audio.shape[1]
+    codes = codec.encode(audio, lengths=lengths)
+    recon = {k: codec.decode(codes[:k], lengths=lengths, length=width) for k in levels}
     codes, recon = jax.device_get((codes, recon))
     out = {}
     for k, r in recon.items():
@@ -597,7 +562,7 @@ class EvalSettings:
     """What `evaluate_codec` measures; the `codec-jax eval` flags map onto these."""
 
     batch_size: int = 8
-    levels: Optional[Sequence[int]] = None  # decoder level counts to sweep; None: 1..L
+    levels: Optional[Sequence[int]] = None  # decoder level counts to sweep; None: 1..L; all L always
     pesq: bool = True
     stoi: bool = True
     visqol: bool = True
@@ -653,22 +618,21 @@ def evaluate_codec(codec, inputs: Sequence[str], out_dir: str | os.PathLike, *,
     t_start = time.perf_counter()
     config = codec.config
     sr = codec.sample_rate
-    levels = sorted(set(settings.levels or range(1, config.n_levels + 1)))
-    if levels[0] < 1 or levels[-1] > config.n_levels:
-        raise UsageError(f"levels must be in 1..{config.n_levels}, got {levels}")
     full = config.n_levels
-    if full not in levels:
-        levels.append(full)
+    levels = sorted(set(range(1, full + 1) if settings.levels is None else settings.levels) | {full})
+    if levels[0] < 1 or levels[-1] > full:
+        raise UsageError(f"levels must be in 1..{full}, got {levels}")
     if settings.rank_by not in METRICS:
         raise UsageError(f"--rank-by must be one of {', '.join(METRICS)}, got {settings.rank_by!r}")
     visqol_mode = visqol_mode_for(sr, settings.visqol_mode) if settings.visqol else None
-    files = expand_inputs(inputs)
+    inputs_found = expand_inputs(inputs)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
 
     audio, kept_files, skipped = [], [], []
     shortest = min_samples()
-    for path in tqdm(files, desc="reading", disable=not settings.progress, file=sys.stderr):
+    for item in tqdm(inputs_found, desc="reading", disable=not settings.progress, file=sys.stderr):
+        path = item.path
         x = read_mono(path, sr)
         if x.shape[0] < shortest:
             # Too short for the 2048-sample mel window: left out and listed, not fatal, so
@@ -678,11 +642,11 @@ def evaluate_codec(codec, inputs: Sequence[str], out_dir: str | os.PathLike, *,
                   f"(the metrics need at least {shortest} samples)", file=sys.stderr)
             continue
         audio.append(x)
-        kept_files.append(path)
+        kept_files.append(item)
     if not audio:
         raise WorkError(f"every input file is shorter than {shortest} samples at {sr} Hz")
-    files = kept_files
-    names = _unique_names(files)
+    files = [item.path for item in kept_files]
+    names = [os.path.splitext(item.relpath)[0] for item in kept_files]  # unique by construction
 
     tasks = len(files) * len(levels)
     workers = min(os.cpu_count() or 1, tasks) if settings.workers is None else min(settings.workers, tasks)
@@ -730,7 +694,7 @@ def evaluate_codec(codec, inputs: Sequence[str], out_dir: str | os.PathLike, *,
     for i, path in enumerate(files):
         for k in levels:
             row = {"file": path, "seconds": round(audio[i].shape[0] / sr, 4), "n_levels": k,
-                   "bitrate_bps": config.bitrate(k)}
+                   "bitrate_bps": _bitrate(codec, k)}
             row.update({m: math.nan for m in METRICS})
             row.update(spectral[(i, k)])
             row.update(perceptual.get((i, k), {}))
@@ -757,12 +721,12 @@ def evaluate_codec(codec, inputs: Sequence[str], out_dir: str | os.PathLike, *,
         "skipped": skipped,
         "total_seconds": float(sum(x.shape[0] for x in audio) / sr),
         "metrics": stats(rows),
-        "by_level": {str(k): {"bitrate_bps": config.bitrate(k),
+        "by_level": {str(k): {"bitrate_bps": _bitrate(codec, k),
                               "metrics": stats([r for r in rows_by_level if r["n_levels"] == k])}
                      for k in levels},
         "codes": {
             "levels": level_stats,
-            "nominal_bitrate_bps": config.bitrate(),
+            "nominal_bitrate_bps": _bitrate(codec),
             # What an ideal entropy coder of each level's empirical code distribution would
             # need (a lower bound for a static per-level code).
             "entropy_bitrate_bps": float(sum(s["entropy_bits"] * s["frame_rate_hz"] for s in level_stats)),
@@ -819,6 +783,14 @@ def format_summary(summary: Mapping[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _bitrate(codec, n_levels: Optional[int] = None) -> float:
+    """Bits per second of the codec's first `n_levels` levels (the project's one formula,
+    with the quantizer's per-level codebook sizes)."""
+    from codec_jax.nn.quantizer import bitrate
+
+    return float(bitrate(codec.config, n_levels, quantizer=codec.quantizer))
+
+
 def _json_default(value):
     if isinstance(value, (np.integer,)):
         return int(value)
@@ -827,16 +799,6 @@ def _json_default(value):
     if isinstance(value, tuple):
         return list(value)
     raise TypeError(f"not JSON serialisable: {type(value).__name__}")
-
-
-def _unique_names(files: Sequence[str]) -> list[str]:
-    """Readable, distinct file stems for output names (`a/x.wav`, `b/x.wav` -> `x`, `x-2`)."""
-    names, seen = [], {}
-    for f in files:
-        stem = Path(f).stem
-        seen[stem] = seen.get(stem, 0) + 1
-        names.append(stem if seen[stem] == 1 else f"{stem}-{seen[stem]}")
-    return names
 
 
 def _save_wav(path: Path, audio: np.ndarray, sample_rate: int) -> None:

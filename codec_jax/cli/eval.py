@@ -20,6 +20,8 @@ worst file. Definitions: docs/evaluation.md."""
 
 
 def _levels(text: str) -> list[int]:
+    if text == "full":
+        return []  # only all levels
     try:
         levels = sorted({int(v) for v in text.split(",") if v.strip()})
     except ValueError:
@@ -35,14 +37,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model", help="SNAC directory, a directory from `codec-jax convert` or a "
                                  "training export, or a preset name")
     p.add_argument("inputs", nargs="+", metavar="INPUT",
-                   help="audio files, directories (searched recursively) or @list.txt")
+                   help="audio files, directories (searched recursively) or @list.txt "
+                        "(one path per line), as encode-corpus takes them")
     p.add_argument("--out", required=True, help="report directory")
     p.add_argument("--overwrite", action="store_true", help="replace a report already in --out")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     p.add_argument("--batch-size", type=int, default=8, help="files coded per device call")
     p.add_argument("--levels", type=_levels, default=None,
-                   help="decoder level counts to measure, e.g. 1,2,3 (default: every count "
-                        "from 1 to all levels; all levels are always measured)")
+                   help="decoder level counts to measure, e.g. 1,2 (default: every count "
+                        "from 1 to all levels; 'full': all levels only, which are always measured)")
     p.add_argument("--no-pesq", dest="pesq", action="store_false", help="skip PESQ")
     p.add_argument("--no-stoi", dest="stoi", action="store_false", help="skip STOI")
     p.add_argument("--no-visqol", dest="visqol", action="store_false", help="skip ViSQOL")
