@@ -87,7 +87,8 @@ def init_variables(config: SNACConfig, rng: jax.Array | int = 0,
     # hand the arrays to the default device.
     cpu = jax.devices("cpu")[0]
     with jax.default_device(cpu):
-        dummy = jnp.zeros((1, config.pad_multiple), jnp.float32)
+        dummy = jnp.zeros((1, config.pad_multiple) + ((config.audio_channels,) if config.audio_channels > 1 else ()),
+                          jnp.float32)
         variables = jax.jit(_model(config, "float32", quantizer).init)(jax.device_put(rng, cpu), dummy)
     return jax.device_put(variables, jax.devices()[0])
 
@@ -96,31 +97,41 @@ def init_variables(config: SNACConfig, rng: jax.Array | int = 0,
 MAX_CHANNELS_LOOKALIKE = 8
 
 
-def _as_audio(audio) -> jax.Array:
-    """Validate `[batch, samples]` float audio; one clear error for any other layout."""
+def _as_audio(audio, channels: int = 1) -> jax.Array:
+    """Validate `[batch, samples]` float audio (`[batch, samples, channels]` for a
+    multi-channel model); one clear error for any other layout."""
     if not hasattr(audio, "shape") or not hasattr(audio, "dtype"):
         audio = np.asarray(audio)
     shape = tuple(audio.shape)
-    if len(shape) == 1:
-        raise UsageError(
-            f"audio must be [batch, samples] (mono clips as rows); got a 1-D array of {shape[0]} "
-            "samples: use audio[None] for one clip, or Codec.encode_many for a list of clips"
-        )
-    if len(shape) != 2:
-        raise UsageError(
-            f"audio must be [batch, samples] (mono clips as rows); got shape {shape}: "
-            "mix channels down (or code them as separate rows) first"
-        )
-    if shape[1] <= MAX_CHANNELS_LOOKALIKE < shape[0]:
-        raise UsageError(
-            f"audio of shape {shape} looks like [samples, channels] (soundfile's layout); "
-            "Codec.encode expects [batch, samples]: pass audio.T for channels as rows, "
-            "or audio.mean(axis=1)[None] to mix down to one clip"
-        )
-    try:
-        check_audio(audio)
-    except ValueError as e:
-        raise UsageError(str(e)) from None
+    if channels > 1:
+        if len(shape) == 2 and shape[1] == channels:
+            raise UsageError(f"audio of shape {shape} is one [samples, {channels}] clip; this "
+                             f"{channels}-channel model takes [batch, samples, {channels}]: use audio[None]")
+        try:
+            check_audio(audio, channels)
+        except ValueError as e:
+            raise UsageError(str(e)) from None
+    else:
+        if len(shape) == 1:
+            raise UsageError(
+                f"audio must be [batch, samples] (mono clips as rows); got a 1-D array of {shape[0]} "
+                "samples: use audio[None] for one clip, or Codec.encode_many for a list of clips"
+            )
+        if len(shape) != 2:
+            raise UsageError(
+                f"audio must be [batch, samples] (mono clips as rows); got shape {shape}: "
+                "mix channels down (or code them as separate rows) first"
+            )
+        if shape[1] <= MAX_CHANNELS_LOOKALIKE < shape[0]:
+            raise UsageError(
+                f"audio of shape {shape} looks like [samples, channels] (soundfile's layout); "
+                "Codec.encode expects [batch, samples]: pass audio.T for channels as rows, "
+                "or audio.mean(axis=1)[None] to mix down to one clip"
+            )
+        try:
+            check_audio(audio)
+        except ValueError as e:
+            raise UsageError(str(e)) from None
     audio = jnp.asarray(audio)
     # Checked here, outside the jitted functions: NaN or inf would silently map to code 0.
     if not bool(jnp.all(jnp.isfinite(audio))):
@@ -187,8 +198,8 @@ class Codec:
         `resampled_length(lengths[b], sample_rate)`. A `[samples, channels]`-looking array
         (second axis <= 8, first longer), 1-D or 3-D input raise a `UsageError`.
         """
-        audio = _as_audio(audio)
-        batch, samples = audio.shape
+        audio = _as_audio(audio, self.config.audio_channels)
+        batch, samples = audio.shape[:2]
         valid = None if lengths is None else _as_lengths(lengths, batch, samples)
         if sample_rate is not None and int(sample_rate) != self.sample_rate:
             audio, valid = self._resample(audio, valid, int(sample_rate))
@@ -206,7 +217,7 @@ class Codec:
         rows = host if valid is None else [row[:n] for row, n in zip(host, valid)]
         out = [soxr.resample(row, sample_rate, self.sample_rate) for row in rows]
         lengths = np.array([len(r) for r in out], np.int32)
-        padded = np.zeros((len(out), int(lengths.max())), np.float32)
+        padded = np.zeros((len(out), int(lengths.max())) + host.shape[2:], np.float32)
         for i, r in enumerate(out):
             padded[i, : len(r)] = r
         return jnp.asarray(padded), (None if valid is None else lengths)

@@ -23,6 +23,9 @@ SNAC_CONFIG_KEYS = (
     "noise",
     "depthwise",
 )
+# codec_jax's own architecture keys, written to config.json only when they differ from
+# their default (so a mono config round-trips to exactly SNAC's keys).
+EXTENSION_KEYS = ("audio_channels",)
 
 
 def bits_per_frame(strides: Sequence[int], codebook_sizes: Sequence[int],
@@ -57,6 +60,10 @@ class SNACConfig:
     vq_strides: tuple[int, ...] = (8, 4, 2, 1)
     noise: bool = True
     depthwise: bool = True
+    # Channels coded jointly (codec_jax extension; SNAC is mono): the encoder's first conv
+    # reads them all and the decoder's last conv writes them all; audio is then
+    # `[batch, samples, channels]`.
+    audio_channels: int = 1
 
     def __post_init__(self):
         for name in ("encoder_rates", "decoder_rates", "vq_strides"):
@@ -68,6 +75,8 @@ class SNACConfig:
             raise ValueError(f"rates and strides must be >= 1: {self}")
         if not self.vq_strides:
             raise ValueError("vq_strides must name at least one quantizer level")
+        if int(self.audio_channels) < 1:
+            raise ValueError(f"audio_channels must be >= 1, got {self.audio_channels}")
         if self.decoder_dim % (2 ** len(self.decoder_rates)):
             raise ValueError(
                 f"decoder_dim={self.decoder_dim} must be divisible by 2**len(decoder_rates)"
@@ -134,14 +143,18 @@ class SNACConfig:
         out = dataclasses.asdict(self)
         for name in ("encoder_rates", "decoder_rates", "vq_strides"):
             out[name] = list(out[name])
+        for name in EXTENSION_KEYS:
+            if out[name] == getattr(SNACConfig, name):
+                del out[name]
         return out
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "SNACConfig":
-        unknown = sorted(set(data) - set(SNAC_CONFIG_KEYS))
+        unknown = sorted(set(data) - set(SNAC_CONFIG_KEYS) - set(EXTENSION_KEYS))
         if unknown:
             raise ValueError(
-                f"unknown SNAC config keys {unknown}; expected a subset of {list(SNAC_CONFIG_KEYS)}"
+                f"unknown SNAC config keys {unknown}; expected a subset of "
+                f"{list(SNAC_CONFIG_KEYS) + list(EXTENSION_KEYS)}"
             )
         # A config.json is user input: check the JSON types before the dataclass sees them.
         def is_int(v):
@@ -227,6 +240,14 @@ PRESETS: dict[str, SNACConfig] = {
 
 # The published 44.1 kHz model is the 32 kHz architecture at another sampling rate.
 PRESETS["snac_44khz"] = dataclasses.replace(PRESETS["snac_32khz"], sampling_rate=44100)
+# Stereo at 48 kHz (no published weights; train it with configs/snac_48khz_stereo.py): the
+# 32/44.1 kHz architecture with a 512-sample hop (2*4*8*8), both channels coded jointly into
+# one code stream per level. Frame rates 93.75 Hz (finest) down to 11.7 Hz (coarsest).
+PRESETS["snac_48khz_stereo"] = dataclasses.replace(
+    PRESETS["snac_32khz"], sampling_rate=48000, encoder_rates=(2, 4, 8, 8),
+    decoder_rates=(8, 8, 4, 2), audio_channels=2)
+# The tiny CPU model, stereo: tests and smoke training of the joint-channel path.
+PRESETS["tiny_stereo"] = dataclasses.replace(PRESETS["tiny"], audio_channels=2)
 
 
 def get_preset(name: str) -> SNACConfig:

@@ -110,6 +110,9 @@ def base_config(preset: str, *, batch_size: int = 16, crop_seconds: float = 1.0,
 
     data = default_data_config()
     data.sample_rate = snac.sampling_rate
+    if snac.audio_channels > 1:  # a joint multi-channel codec trains on all its channels
+        data.channels = snac.audio_channels
+        data.channel_mode = "keep"
     data.crop_seconds = crop_ref
     c.data = data
 

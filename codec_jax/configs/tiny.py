@@ -9,13 +9,20 @@ code path of the real configs (GAN step, EMA codebooks, sharding, checkpoints, e
 On 2 CPU cores: about half a minute of compilation (once; set
 `--config.train.compilation_cache_dir` to keep it across restarts), then well under
 a second per step; the mel loss halves within ~30 steps.
+
+`configs/tiny.py:stereo` is the same on the `tiny_stereo` preset: two channels coded
+jointly, trained on stereo crops (panned synthetic mixes, or the first two channels of a
+prepared dataset; mono sources are duplicated).
 """
 
 from codec_jax.configs.base import apply_variants, base_config
 
 
 def get_config(arg: str | None = None):
-    c = base_config("tiny", batch_size=4, crop_seconds=0.25, num_steps=200)
+    variants = [v for v in (arg or "").split(",") if v.strip() != "stereo"]
+    stereo = len(variants) != len((arg or "").split(",")) if arg else False
+    c = base_config("tiny_stereo" if stereo else "tiny", batch_size=4, crop_seconds=0.25,
+                    num_steps=200)
     c.model.dtype = "float32"
     c.data.prefetch = 2
     c.data.read_threads = 1
@@ -49,4 +56,4 @@ def get_config(arg: str | None = None):
     c.logging.eval_every_steps = 100
     c.logging.eval_batches = 2
     c.logging.num_audio_samples = 2
-    return apply_variants(c, arg)
+    return apply_variants(c, ",".join(variants))

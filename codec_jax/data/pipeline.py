@@ -72,7 +72,11 @@ def default_data_config() -> ml_collections.ConfigDict:
     c.max_peak = 0.99                  # gains are limited so |audio| <= this
     c.random_gain_db = 6.0             # uniform gain in [-x, +x] dB after normalisation (train only)
     c.random_polarity = True           # multiply by -1 with probability 1/2 (train only)
-    c.channel_mode = "mix"             # multi-channel -> mono: "mix" (mean), "first", "random"
+    c.channel_mode = "mix"             # multi-channel -> mono: "mix" (mean), "first", "random";
+                                       # "keep": `channels` channels (a multi-channel model)
+    c.channels = 1                     # channels per example with channel_mode "keep": audio
+                                       # [crop, channels]; mono sources are duplicated, extra
+                                       # channels dropped, synthetic sources are panned mixes
     c.shuffle_seed = 0                 # record order + synthetic stream; None: the iterator seed
     c.synthetic_kinds = list(_PIPELINE_SYNTHETIC_KINDS)
     c.with_metadata = False            # add "source_index"/"record_index" [batch] to batches
@@ -163,6 +167,7 @@ def _source_dataset(
     if kind == "synthetic":
         src = synthetic.SyntheticAudioSource(
             sample_rate=cfg.sample_rate,
+            channels=int(cfg.channels) if cfg.channel_mode == "keep" else 1,
             seconds=float(spec.get("seconds", cfg.crop_seconds)),
             # Different seeds per (stream, seed) keep train and eval disjoint.
             seed=int(spec.get("seed", _derive_seed(seed, _TRAIN_STREAM if train else _EVAL_STREAM))),
@@ -204,12 +209,15 @@ def _to_float(x: np.ndarray) -> np.ndarray:
 
 
 def _rms_db(x: np.ndarray) -> float:
-    """RMS level in dBFS of float `[samples]` (a BLAS dot: ~10x faster than mean(x**2))."""
+    """RMS level in dBFS of float `[samples]` or `[samples, channels]` (a BLAS dot: ~10x
+    faster than mean(x**2))."""
+    x = x.reshape(-1)
     return 10.0 * math.log10(float(np.dot(x, x)) / max(x.shape[0], 1) + _EPS)
 
 
 class CropAndAugment:
-    """record -> `{"audio": float32 [crop_samples]}` or None (near-silent record).
+    """record -> `{"audio": float32 [crop_samples]}` (`[crop_samples, channels]` with
+    channel_mode "keep") or None (near-silent record).
 
     A picklable callable for `grain.MapDataset.random_map` (rng comes from
     grain: a function of the op seed and element index).
@@ -228,8 +236,12 @@ class CropAndAugment:
         self.gain_db = float(cfg.random_gain_db) if augment else 0.0
         self.polarity = bool(cfg.random_polarity) and augment
         self.channel_mode = cfg.channel_mode
-        if self.channel_mode not in ("mix", "first", "random"):
-            raise ValueError(f"channel_mode must be 'mix', 'first' or 'random', got {self.channel_mode!r}")
+        if self.channel_mode not in ("mix", "first", "random", "keep"):
+            raise ValueError(f"channel_mode must be 'mix', 'first', 'random' or 'keep', "
+                             f"got {self.channel_mode!r}")
+        self.channels = int(cfg.channels) if self.channel_mode == "keep" else 1
+        if self.channels < 1:
+            raise ValueError(f"data.channels must be >= 1, got {cfg.channels}")
         self.with_metadata = bool(cfg.with_metadata)
         self.source_index = source_index
         self.source_rate = source_rate
@@ -256,7 +268,7 @@ class CropAndAugment:
                 cand = self._mono(audio[off:off + need], channel)
             else:  # short record: place it at a random offset in silence
                 off = int(rng.integers(0, need - n + 1))
-                cand = np.zeros(need, np.float32)
+                cand = np.zeros((need,) + self._mono(audio[:1], channel).shape[1:], np.float32)
                 cand[off:off + n] = self._mono(audio, channel)
             if self.silence_db is None or _rms_db(cand) >= self.silence_db:
                 seg = cand
@@ -266,7 +278,8 @@ class CropAndAugment:
         if rate != self.rate:
             from codec_jax.audio.io import resample
             seg = resample(seg, rate, self.rate, quality="MQ")
-            seg = np.pad(seg, (0, max(self.crop - seg.shape[0], 0)))[: self.crop]
+            pad = ((0, max(self.crop - seg.shape[0], 0)),) + ((0, 0),) * (seg.ndim - 1)
+            seg = np.pad(seg, pad)[: self.crop]
         seg = self._levels(seg, rng)
         out = {"audio": seg.astype(np.float32, copy=False)}
         if self.with_metadata:
@@ -275,7 +288,11 @@ class CropAndAugment:
         return out
 
     def _mono(self, x: np.ndarray, channel: int) -> np.ndarray:
-        """`[samples, channels]` -> float32 `[samples]`."""
+        """`[samples, channels]` -> float32 `[samples]` (channel_mode "keep": float32
+        `[samples, self.channels]`, mono duplicated, extra channels dropped)."""
+        if self.channel_mode == "keep":
+            picked = [x[:, min(c, x.shape[1] - 1)] for c in range(self.channels)]
+            return np.stack([_to_float(p) for p in picked], axis=1)
         if x.shape[1] == 1 or self.channel_mode != "mix":
             return _to_float(x[:, min(channel, x.shape[1] - 1)])
         # Column by column: a reduction over the short, strided channel axis

@@ -249,8 +249,11 @@ def synthetic_stream(
 class SyntheticAudioSource:
     """Infinite random-access source of synthetic clips (grain `RandomAccessDataSource`).
 
-    `source[i]` is `{"audio": float32 [samples, 1], "sample_rate": int, "kind": str}`,
-    the same record layout as a prepared TFDS dataset (audio `[samples, channels]`).
+    `source[i]` is `{"audio": float32 [samples, channels], "sample_rate": int, "kind": str}`,
+    the same record layout as a prepared TFDS dataset. With `channels=1` the audio is
+    signal `i`; with 2 or more, each channel is a different pan of signal `i` and an
+    independent second signal, so channels are correlated but not identical (what a
+    joint stereo codec has to exploit).
     """
 
     def __init__(
@@ -260,6 +263,7 @@ class SyntheticAudioSource:
         seconds: float,
         seed: int = 0,
         kinds: Sequence[str] = KINDS,
+        channels: int = 1,
     ):
         unknown = [k for k in kinds if k not in KINDS]
         if unknown or not kinds:
@@ -270,6 +274,9 @@ class SyntheticAudioSource:
             raise ValueError(f"seconds * sample_rate must be >= 1 sample, got {seconds} * {sample_rate}")
         self.seed = int(seed)
         self.kinds = tuple(kinds)
+        self.channels = int(channels)
+        if self.channels < 1:
+            raise ValueError(f"channels must be >= 1, got {channels}")
 
     def __len__(self) -> int:
         # "Infinite": grain needs a length; sys.maxsize is what grain itself
@@ -280,7 +287,18 @@ class SyntheticAudioSource:
         kind, x = signal_at(
             self.seed, index, sample_rate=self.sample_rate, num_samples=self.num_samples, kinds=self.kinds
         )
-        return {"audio": x[:, None], "sample_rate": self.sample_rate, "kind": kind}
+        if self.channels == 1:
+            return {"audio": x[:, None], "sample_rate": self.sample_rate, "kind": kind}
+        # A second, independent signal (an index far outside the first's stream) and one
+        # pan position per channel from left (1, 0) to right (0, 1).
+        _, other = signal_at(self.seed, index + (1 << 62), sample_rate=self.sample_rate,
+                             num_samples=self.num_samples, kinds=self.kinds)
+        rng = np.random.default_rng([self.seed, int(index), 7])
+        pans = np.sort(rng.uniform(0.0, 1.0, self.channels))
+        audio = np.stack([np.cos(p * np.pi / 2) * x + np.sin(p * np.pi / 2) * other for p in pans],
+                         axis=1).astype(np.float32)
+        audio *= np.float32(min(1.0, 0.99 / max(float(np.abs(audio).max()), 1e-9)))
+        return {"audio": audio, "sample_rate": self.sample_rate, "kind": kind}
 
     def __repr__(self) -> str:
         return (f"SyntheticAudioSource(sample_rate={self.sample_rate}, num_samples={self.num_samples}, "

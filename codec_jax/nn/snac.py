@@ -1,6 +1,8 @@
 """SNAC codec model: encoder, multi-scale residual quantizer, decoder.
 
-All activations are channels-last. Audio enters as `[batch, samples]` (mono) and is
+All activations are channels-last. Audio enters as `[batch, samples]` (mono, SNAC's
+case) or `[batch, samples, channels]` for a model with `config.audio_channels > 1`
+(channels coded jointly: the first conv reads them all, the last writes them all), and is
 right-padded to `SNACConfig.pad_multiple` exactly as SNAC's `preprocess` does.
 
 Rows of different lengths in one zero-padded batch: given each row's valid samples, the
@@ -27,7 +29,7 @@ Dtype = Any
 
 
 class Encoder(nn.Module):
-    """`[batch, samples, 1]` -> latents `[batch, samples // hop, latent_channels]`."""
+    """`[batch, samples, audio_channels]` -> latents `[batch, samples // hop, latent_channels]`."""
 
     config: SNACConfig
     dtype: Dtype = jnp.float32
@@ -55,7 +57,7 @@ class Encoder(nn.Module):
 
 
 class Decoder(nn.Module):
-    """Latents `[batch, frames, latent_channels]` -> audio `[batch, frames * hop, 1]` in [-1, 1]."""
+    """Latents `[batch, frames, latent_channels]` -> audio `[batch, frames * hop, audio_channels]` in [-1, 1]."""
 
     config: SNACConfig
     dtype: Dtype = jnp.float32
@@ -90,23 +92,32 @@ class Decoder(nn.Module):
                              **kw)(x, valid, frame_offsets)
             valid = None if valid is None else valid * stride
         x = Snake(self.dtype, self.param_dtype, name="snake_out")(apply_mask(x, valid))
-        x = WNConv1d(1, 7, padding=3, name="conv_out", **kw)(x)
+        x = WNConv1d(c.audio_channels, 7, padding=3, name="conv_out", **kw)(x)
         return jnp.tanh(x.astype(jnp.float32))
 
 
 def pad_audio(audio: Array, config: SNACConfig) -> Array:
-    """Right-pad `[batch, samples]` with zeros to a multiple of `config.pad_multiple`."""
-    pad = config.padded_length(audio.shape[-1]) - audio.shape[-1]
-    return jnp.pad(audio, ((0, 0), (0, pad))) if pad else audio
+    """Right-pad `[batch, samples(, channels)]` with zeros to a multiple of `config.pad_multiple`."""
+    pad = config.padded_length(audio.shape[1]) - audio.shape[1]
+    widths = ((0, 0), (0, pad)) + ((0, 0),) * (audio.ndim - 2)
+    return jnp.pad(audio, widths) if pad else audio
 
 
-def check_audio(audio: Array) -> None:
-    if audio.ndim != 2:
+def audio_layout(channels: int) -> str:
+    return "[batch, samples]" if channels == 1 else f"[batch, samples, {channels}]"
+
+
+def check_audio(audio: Array, channels: int = 1) -> None:
+    """`[batch, samples]` for a mono model, `[batch, samples, channels]` otherwise."""
+    ok = audio.ndim == 2 if channels == 1 else (audio.ndim == 3 and audio.shape[-1] == channels)
+    if not ok:
+        hint = ("add a batch axis with audio[None] or mix channels down first" if channels == 1
+                else "add a batch axis with audio[None]; channels go last")
         raise ValueError(
-            f"audio must be [batch, samples] (mono), got shape {tuple(audio.shape)}; "
-            "add a batch axis with audio[None] or mix channels down first"
+            f"audio must be {audio_layout(channels)} for this {channels}-channel model, "
+            f"got shape {tuple(audio.shape)}; {hint}"
         )
-    if audio.shape[-1] == 0:
+    if audio.shape[1] == 0:
         raise ValueError("audio has no samples")
     if not jnp.issubdtype(audio.dtype, jnp.floating):
         raise ValueError(f"audio must be floating point in [-1, 1], got dtype {audio.dtype}")
@@ -143,14 +154,19 @@ class SNAC(nn.Module):
         `config.padded_length(lengths[b]) // hop` latent frames then equal encoding
         `audio[b, :lengths[b]]` alone; the frames after them are undefined.
         """
-        check_audio(audio)
+        check_audio(audio, self.config.audio_channels)
         x = pad_audio(audio, self.config)
+        x = x[..., None] if x.ndim == 2 else x  # [batch, samples, channels]
         valid = None
         if lengths is not None:
             lengths = jnp.asarray(lengths, jnp.int32)
-            x = apply_mask(x[..., None], lengths)[..., 0]  # zeros after each clip, as its padding
+            x = apply_mask(x, lengths)  # zeros after each clip, as its padding
             valid = padded_lengths(lengths, self.config)
-        return self.encoder(x[..., None], valid)
+        return self.encoder(x, valid)
+
+    def _audio_out(self, x: Array) -> Array:
+        """Decoder output `[batch, samples, channels]` -> the input layout."""
+        return x[..., 0] if self.config.audio_channels == 1 else x
 
     def __call__(self, audio: Array, *, train: bool = False,
                  n_levels: Optional[int] = None) -> dict[str, Any]:
@@ -164,10 +180,10 @@ class SNAC(nn.Module):
         `train=True` applies quantizer dropout and updates ema codebooks (pass
         `rngs={"quantizer": key}` and `mutable=["codebook"]`); `n_levels` limits the levels.
         """
-        length = audio.shape[-1]
+        length = audio.shape[1]
         z = self.encode_latents(audio)
         q = self.rvq(z, n_levels=n_levels, train=train)
-        audio_hat = self.decoder(q["z_q"])[..., 0]
+        audio_hat = self._audio_out(self.decoder(q["z_q"]))
         return dict(q, audio=audio_hat[:, :length], latents=z)
 
     def encode(self, audio: Array, n_levels: Optional[int] = None,
@@ -187,7 +203,8 @@ class SNAC(nn.Module):
 
     def decode(self, codes: Sequence[Array], length: Optional[int] = None,
                lengths: Optional[Array] = None, frame_offsets: Optional[Array] = None) -> Array:
-        """codes (all levels or a coarse-first prefix) -> audio `[batch, samples]`.
+        """codes (all levels or a coarse-first prefix) -> audio `[batch, samples]`
+        (`[batch, samples, channels]` for a multi-channel model).
 
         `length` trims SNAC's right padding. `lengths` int `[batch]`: valid samples per row;
         row `b` then equals decoding its own `config.num_frames(lengths[b])` codes alone, and
@@ -201,9 +218,10 @@ class SNAC(nn.Module):
             valid = padded_lengths(lengths, self.config) // self.config.hop_length
         if frame_offsets is not None:
             frame_offsets = jnp.broadcast_to(jnp.asarray(frame_offsets, jnp.int32), codes[0].shape[:1])
-        audio = self.decoder(self.rvq.decode(codes), valid, frame_offsets)[..., 0]
+        audio = self.decoder(self.rvq.decode(codes), valid, frame_offsets)
         if lengths is not None:
-            audio = apply_mask(audio[..., None], lengths)[..., 0]
+            audio = apply_mask(audio, lengths)
+        audio = self._audio_out(audio)
         return audio if length is None else audio[:, :length]
 
 

@@ -52,7 +52,8 @@ class GeneratorAdapter:
 
     def init(self, key: jax.Array, num_samples: int) -> dict[str, Any]:
         """Fresh variables: `params`, and `codebook` when the quantizer keeps EMA state."""
-        dummy = jnp.zeros((1, num_samples), jnp.float32)
+        channels = self.config.audio_channels
+        dummy = jnp.zeros((1, num_samples) + ((channels,) if channels > 1 else ()), jnp.float32)
         return dict(self.module.init({"params": key}, dummy))
 
     @staticmethod

@@ -38,7 +38,7 @@ from codec_jax.training import metrics as tm
 from codec_jax.training import builders
 from codec_jax.training import state as ts
 from codec_jax.training.checkpoint import TrainCheckpointer
-from codec_jax.training.step import (LossSettings, make_eval_step, make_train_step,
+from codec_jax.training.step import (LossSettings, channels_to_batch, make_eval_step, make_train_step,
                                      validate_hyperparameters)
 
 log = logging.getLogger(__name__)
@@ -415,11 +415,12 @@ def _evaluate(config, state, p_eval_step, mesh, writer, step: int) -> dict[str, 
             batch = shard_lib.make_global_batch(host_batch, mesh)
             metrics, recon = p_eval_step(state, batch)
             results.append(metrics)
+            audio = channels_to_batch(batch["audio"])  # the layout of `recon`: [B (x channels), T]
             if first is None:
-                first = (batch["audio"], recon)
+                first = (audio, recon)
             if perceptual:
                 pairs.append([np.asarray(multihost_utils.process_allgather(x, tiled=True))
-                              for x in (batch["audio"], recon)])
+                              for x in (audio, recon)])
     finally:
         it.close()
     values = tm.aggregate(jax.device_get(results))

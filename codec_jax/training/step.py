@@ -216,6 +216,15 @@ def codebook_health(codes: list[jax.Array], codebook_sizes: tuple[int, ...]) -> 
     return out
 
 
+def channels_to_batch(audio: jax.Array) -> jax.Array:
+    """`[B, T]` -> itself; `[B, T, C]` -> `[B * C, T]` (row `b * C + c` is channel `c` of
+    example `b`). Losses and discriminators judge each channel of a multi-channel codec
+    as its own signal; the codec itself codes the channels jointly."""
+    if audio.ndim == 2:
+        return audio
+    return jnp.moveaxis(audio, -1, 1).reshape(-1, audio.shape[1])
+
+
 def make_train_step(
     *,
     generator: GeneratorAdapter,
@@ -226,7 +235,8 @@ def make_train_step(
 ) -> Callable[[TrainState, Mapping[str, jax.Array]], tuple[TrainState, Metrics]]:
     """Build `train_step(state, batch) -> (state, metrics)`.
 
-    batch: `{"audio": float32 [batch, samples]}`. metrics: float32/int32 scalars
+    batch: `{"audio": float32 [batch, samples]}` (`[batch, samples, channels]` for a
+    multi-channel codec; losses see `channels_to_batch` of it). metrics: float32/int32 scalars
     (losses, grad norms, learning rates, codebook health, skip counters).
     """
     w = loss_settings.weight
@@ -262,20 +272,21 @@ def make_train_step(
         return values
 
     def train_step(state: TrainState, batch: Mapping[str, jax.Array]) -> tuple[TrainState, Metrics]:
-        audio = batch["audio"].astype(jnp.float32)
+        model_audio = batch["audio"].astype(jnp.float32)  # the generator's input layout
+        audio = channels_to_batch(model_audio)  # [B (x channels), T]: what the losses see
         key = step_key(state.rng, state.step)
         k_gen = jax.random.fold_in(key, 1)
 
         # 1. Generator forward, keeping the VJP. Outputs: reconstruction [B, T] and the
         #    quantizer losses (scalars); the rest rides along as aux.
         def gen_forward(params):
-            out, new_codebook = generator.apply_train(params, state.codebook, audio, k_gen)
+            out, new_codebook = generator.apply_train(params, state.codebook, model_audio, k_gen)
             vq = {name: jnp.sum(jnp.stack([jnp.mean(x) for x in out[f"{name}_loss"]]))
                   for name in QUANTIZER_LOSSES}
             aux = dict(codes=out["codes"], codebook=new_codebook,
                        quantizer_metrics=out.get("quantizer_metrics", {}),
                        levels_used=out.get("levels_used"))
-            return (out["audio"].astype(jnp.float32), vq), aux
+            return (channels_to_batch(out["audio"].astype(jnp.float32)), vq), aux
 
         (recon, vq_losses), gen_vjp, aux = jax.vjp(gen_forward, state.gen_params, has_aux=True)
 
@@ -379,9 +390,10 @@ def make_eval_step(*, generator: GeneratorAdapter, loss_settings: LossSettings
     """
 
     def eval_step(state: TrainState, batch: Mapping[str, jax.Array]):
-        audio = batch["audio"].astype(jnp.float32)
-        out = generator.apply_eval(state.gen_params, state.codebook, audio)
-        recon = out["audio"].astype(jnp.float32)
+        model_audio = batch["audio"].astype(jnp.float32)
+        out = generator.apply_eval(state.gen_params, state.codebook, model_audio)
+        audio = channels_to_batch(model_audio)
+        recon = channels_to_batch(out["audio"].astype(jnp.float32))
         metrics = {
             "mel": loss_settings.mel_loss(recon, audio),
             "si_sdr": jnp.mean(L.si_sdr(recon, audio)),
