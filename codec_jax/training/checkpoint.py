@@ -42,6 +42,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
+from etils import epath
 from jax.experimental import multihost_utils
 
 from codec_jax.errors import WorkError
@@ -263,7 +264,8 @@ class TrainCheckpointer:
         return os.path.join(self.directory, str(step))
 
     def _has_integrity(self, step: int) -> bool:
-        return os.path.isdir(os.path.join(self._step_path(step), INTEGRITY_ITEM))
+        # epath: also right for gs:// directories, where os.path would say "no".
+        return (epath.Path(self._step_path(step)) / INTEGRITY_ITEM).exists()
 
     def restore(self, step: int, abstract_state: Any, data_iterator: Any) -> Any:
         """Restore checkpoint `step` into `abstract_state`'s shapes, dtypes and shardings
