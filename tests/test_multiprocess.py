@@ -53,23 +53,26 @@ def launch(mode: str, workdir: Path, report: Path, *, processes: int, devices: i
     for pid in range(processes):
         args = [sys.executable, str(HERE), mode, str(workdir), f"{report}.{pid}",
                 str(pid), str(processes), str(port), str(steps), str(cache or "")]
-        procs.append(subprocess.Popen(args, env=_env(devices), cwd=REPO,
-                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                      text=True))
+        log = open(f"{report}.{pid}.log", "w")
+        proc = subprocess.Popen(args, env=_env(devices), cwd=REPO, stdout=log,
+                                stderr=subprocess.STDOUT)
+        proc.log_path = log.name
+        procs.append(proc)
     return procs
 
 
-def wait(procs, timeout: float = 900, ok=(0,)) -> list[str]:
-    outs = []
+def wait(procs, timeout: float = 1800, ok=(0,)) -> list[str]:
+    """Wait for every worker; their outputs. The timeout is generous because each
+    worker compiles the GAN step on a shared CPU."""
     deadline = time.monotonic() + timeout
-    for p in procs:
-        try:
-            out, _ = p.communicate(timeout=max(deadline - time.monotonic(), 1))
-        except subprocess.TimeoutExpired:
-            for q in procs:
-                q.kill()
-            raise
-        outs.append(out)
+    try:
+        for p in procs:
+            p.wait(timeout=max(deadline - time.monotonic(), 1))
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    outs = [Path(p.log_path).read_text() for p in procs]
     for p, out in zip(procs, outs):
         assert p.returncode in ok, f"worker exited {p.returncode}:\n{out[-4000:]}"
     return outs
@@ -252,7 +255,7 @@ def test_global_batch_is_assembled_from_disjoint_process_shards(tmp_path):
     batches from their own pipeline shards; a jitted reduction over the global array
     sees both shards."""
     procs = launch("batch", tmp_path, tmp_path / "b.json", processes=2)
-    wait(procs, timeout=300)
+    wait(procs, timeout=600)
     r0, r1 = reports(tmp_path / "b.json", 2)
     assert r0["process_count"] == 2 and r0["devices"] == 2
     assert not set(r0["seen"]) & set(r1["seen"])
