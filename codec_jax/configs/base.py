@@ -62,8 +62,10 @@ def crop_seconds_for(snac, seconds: float) -> float:
     return samples / snac.sampling_rate
 
 
-def dead_code_threshold_for(snac, batch_size: int, crop_seconds: float) -> float:
-    """A tenth of the expected per-code assignment count of the sparsest level.
+def dead_code_threshold_for(snac, batch_size: int, crop_seconds: float,
+                            fraction: float = 0.1) -> float:
+    """`fraction` (default a tenth) of the expected per-code assignment count of the
+    sparsest level.
 
     Coarse SNAC levels see few vectors per batch (24 kHz, 16 x 1.024 s: 192 vectors for
     4096 codes at level 0), so a fixed threshold such as 2 would find nearly every code
@@ -71,11 +73,12 @@ def dead_code_threshold_for(snac, batch_size: int, crop_seconds: float) -> float
     without assignments.
     """
     frames = snac.frames_per_level(int(round(crop_seconds * snac.sampling_rate)))
-    return 0.1 * batch_size * min(frames) / snac.codebook_size
+    return fraction * batch_size * min(frames) / snac.codebook_size
 
 
 def base_config(preset: str, *, batch_size: int = 16, crop_seconds: float = 1.0,
-                num_steps: int = 400_000) -> ml_collections.ConfigDict:
+                num_steps: int = 400_000, dead_code_fraction: float = 0.1
+                ) -> ml_collections.ConfigDict:
     snac = get_preset(preset)
     c = ml_collections.ConfigDict()
     batch_ref = ml_collections.FieldReference(int(batch_size))
@@ -99,7 +102,8 @@ def base_config(preset: str, *, batch_size: int = 16, crop_seconds: float = 1.0,
     # A code is dead when its EMA assignment count (vectors per batch) drops below the
     # threshold: see `dead_code_threshold_for`; it follows the final batch and crop.
     quantizer["dead_code_threshold"] = derived(
-        lambda b, s: dead_code_threshold_for(snac, b, s), batch_ref.to_float(), crop_ref)
+        lambda b, s: dead_code_threshold_for(snac, b, s, dead_code_fraction),
+        batch_ref.to_float(), crop_ref)
     c.quantizer = ml_collections.ConfigDict(quantizer)
 
     c.init = ml_collections.ConfigDict(dict(
