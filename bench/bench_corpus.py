@@ -218,7 +218,15 @@ def main(argv=None):
     line = (f"codec_jax: {warm.audio_seconds / 3600:.3f} h in {warm.wall_seconds:.1f} s = "
             f"{warm.x_real_time:.1f}x real time warm ({cold.x_real_time:.1f}x cold, "
             f"{cold.compiled_programs} programs); device busy {compute / warm.wall_seconds:.0%}")
-    print(line)
+    print(line, flush=True)
+
+    def save():
+        if args.out:
+            os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+            with open(args.out, "w") as f:
+                json.dump(result, f, indent=2)
+
+    save()  # the codec_jax half survives a time limit hit during the reference loop
     if not args.no_reference:
         ref_files = files
         if args.reference_limit and len(files) > args.reference_limit:
@@ -247,10 +255,7 @@ def main(argv=None):
               f"{result['ratio_cold']:.2f} cold; reference stages {ref['timings']}")
     print(f"codec_jax job timings (s): {warm.timings}; transfer {transfer:.2f} s, "
           f"compute {compute:.2f} s")
-    if args.out:
-        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-        with open(args.out, "w") as f:
-            json.dump(result, f, indent=2)
+    save()
     return result
 
 
