@@ -443,8 +443,9 @@ def codes_path(output_dir: str, relpath: str) -> str:
 class _FileSink:
     """One `.snac` file per input, mirroring the input's relative path."""
 
-    def __init__(self, output_dir: str):
+    def __init__(self, output_dir: str, entropy_model=None):
         self.output_dir = output_dir
+        self.entropy_model = entropy_model  # to verify context-coded outputs of an earlier run
 
     def done(self, relpath: str, model_id: str, overwrite: bool) -> Optional[str]:
         """None: to do; "done": a valid output exists; else why the input is refused."""
@@ -452,7 +453,7 @@ class _FileSink:
         if overwrite or not os.path.exists(path):
             return None
         try:
-            cf.load_codes(path, expect_model_id=model_id)
+            cf.load_codes(path, expect_model_id=model_id, entropy_model=self.entropy_model)
         except cf.ModelMismatchError:
             return f"{path} exists, made by another model (pass --overwrite to replace it)"
         except cf.CodesFileError:
@@ -595,9 +596,10 @@ def open_shards(output_dir: str):
     return grain.ArrayRecordDataSource([os.path.join(output_dir, n) for n in shards])
 
 
-def read_shard_record(record: bytes) -> cf.CodesFile:
-    """One shard record -> `CodesFile` (relative path in `.source`)."""
-    return cf.parse_codes(record, name="shard record")
+def read_shard_record(record: bytes, entropy_model=None) -> cf.CodesFile:
+    """One shard record -> `CodesFile` (relative path in `.source`); `entropy_model`: the
+    ContextModel of a corpus encoded with `--entropy MODEL.npz`."""
+    return cf.parse_codes(record, name="shard record", entropy_model=entropy_model)
 
 
 # ---------------------------------------------------------------------------- encode
@@ -615,6 +617,14 @@ class EncodeOptions:
     resample_quality: str = "HQ"
     progress: bool = True
     max_devices: Optional[int] = None
+    # None: fixed-width codes; "adaptive" or a `codec_jax.audio.entropy.ContextModel`:
+    # entropy-coded payloads (codes format version 2, docs/codes_format.md).
+    entropy: Any = None
+
+
+def _context_model(entropy):
+    """The ContextModel inside an `entropy` option, or None."""
+    return None if entropy is None or isinstance(entropy, str) else entropy
 
 
 @dataclasses.dataclass
@@ -652,7 +662,7 @@ def encode_corpus(codec, model_name: str, files: Sequence[InputFile], options: E
     os.makedirs(options.output_dir, exist_ok=True)
     sink = (_ShardSink(options.output_dir, process_index=pindex, shard_size=options.shard_size,
                        overwrite=options.overwrite)
-            if options.format == "shards" else _FileSink(options.output_dir))
+            if options.format == "shards" else _FileSink(options.output_dir, _context_model(options.entropy)))
     todo = []
     for item in share:
         state = sink.done(item.relpath, model_id, options.overwrite)
@@ -664,7 +674,7 @@ def encode_corpus(codec, model_name: str, files: Sequence[InputFile], options: E
             todo.append(item)
     sizes = cf_sizes(codec)
     header = dict(sample_rate=config.sampling_rate, model_id=model_id, model_name=model_name,
-                  config=config.to_dict(), codebook_sizes=sizes)
+                  config=config.to_dict(), codebook_sizes=sizes, entropy=options.entropy)
     runner = _DeviceRunner(_jitted("encode", config, codec.dtype, codec.quantizer),
                            codec.variables, devices=devices)
     timings = collections.Counter()
@@ -805,6 +815,7 @@ class DecodeOptions:
     force: bool = False
     progress: bool = True
     max_devices: Optional[int] = None
+    entropy_model: Any = None  # the ContextModel of context-coded codes files
 
 
 WRITABLE_EXTENSIONS = {".wav": "WAV", ".flac": "FLAC", ".ogg": "OGG", ".oga": "OGG",
@@ -913,7 +924,8 @@ def decode_corpus(codec, files: Sequence[InputFile], options: DecodeOptions, *,
                 continue
             try:
                 c = cf.load_codes(item.path,
-                                  expect_model_id=None if options.force else model_id)
+                                  expect_model_id=None if options.force else model_id,
+                                  entropy_model=options.entropy_model)
                 if SNACConfig.from_dict(c.config) != config:
                     raise cf.ModelMismatchError(
                         f"{item.path}: made by a model of another architecture "

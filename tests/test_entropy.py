@@ -110,3 +110,55 @@ def test_bad_codes_are_rejected_before_coding():
         E.encode([np.zeros(2, int)], SIZES)
     with pytest.raises(E.EntropyStreamError, match="bad magic"):
         E.decode(b"RIFF0000")
+
+
+# ---- the codes file's entropy-coded payload (format version 2) ------------------------------
+
+import json  # noqa: E402
+
+from codec_jax.audio import codes_file as cf  # noqa: E402
+
+HEADER = dict(length=25_000, sample_rate=24_000, original_sample_rate=44_100, model_id="ab" * 32,
+              model_name="test", config={}, codebook_sizes=list(SIZES))
+
+
+def test_codes_file_entropy_payload_round_trips_and_is_smaller(corpus, model):
+    clip = corpus[1]
+    stereo = [np.stack([c, c[::-1]]) for c in clip]
+    raw = cf.encode_codes(clip, **HEADER)
+    for entropy, kw in (("adaptive", {}), (model, {"entropy_model": model})):
+        blob = cf.encode_codes(clip, entropy=entropy, **HEADER)
+        assert blob[8:12] == (2).to_bytes(4, "little")
+        if entropy is model:  # on a clip this short only the trained model beats fixed width
+            head = json.loads(blob[16:16 + int.from_bytes(blob[12:16], "little")])
+            fixed_payload = sum(c.size for c in clip)  # uint8 codes: a byte each
+            assert head["coding"]["bytes"] < 0.6 * fixed_payload, (head["coding"], fixed_payload)
+        got = cf.parse_codes(blob, **kw)
+        assert _same([c.astype(np.int32) for c in got.codes], clip)
+        assert got.codebook_sizes == SIZES and got.length == HEADER["length"]
+        two = cf.parse_codes(cf.encode_codes(stereo, entropy=entropy, **HEADER), **kw)
+        assert two.channels == 2 and _same(two.codes, stereo)
+    assert raw[8:12] == (1).to_bytes(4, "little")  # fixed-width files stay version 1
+
+
+def test_context_coded_file_needs_its_model(corpus, model):
+    blob = cf.encode_codes(corpus[2], entropy=model, **HEADER)
+    with pytest.raises(cf.EntropyModelError, match="pass that model"):
+        cf.parse_codes(blob)
+    other = E.ContextModel.fit(corpus[:8], SIZES, STRIDES)
+    with pytest.raises(cf.EntropyModelError, match="not the model given"):
+        cf.parse_codes(blob, entropy_model=other)
+
+
+@settings(max_examples=120, deadline=None)
+@given(data=st.data())
+def test_damaged_entropy_coded_files_raise_named_errors(corpus, data):
+    blob = bytearray(cf.encode_codes(corpus[data.draw(st.integers(0, 9))], entropy="adaptive", **HEADER))
+    if data.draw(st.booleans()):
+        blob = blob[: data.draw(st.integers(0, len(blob) - 1))]
+        error = cf.CodesFileError
+    else:
+        blob[data.draw(st.integers(0, len(blob) - 1))] ^= data.draw(st.integers(1, 255))
+        error = cf.CodesFileError
+    with pytest.raises(error):
+        cf.parse_codes(bytes(blob))

@@ -4,11 +4,13 @@ Layout (all integers little-endian; docs/codes_format.md is the specification):
 
     offset  size  field
     0       8     magic b"SNACODES"
-    8       4     format version (uint32), currently 1
+    8       4     format version (uint32): 1 for fixed-width codes, 2 for entropy-coded
     12      4     header length H in bytes (uint32)
     16      H     header: UTF-8 JSON object (keys below)
-    16+H    P     payload: each level's codes, coarse first, C order `[channels, frames]`,
-                  in the header's unsigned dtype
+    16+H    P     payload: version 1: each level's codes, coarse first, C order
+                  `[channels, frames]`, in the header's unsigned dtype; version 2: per
+                  channel a uint32 byte count and that channel's entropy-coded stream
+                  (`codec_jax.audio.entropy`, named by the header's "coding" entry)
     16+H+P  4     CRC-32 (zlib) of every byte before it
 
 The same bytes are one record of a `--format shards` array_record shard, so one parser
@@ -33,7 +35,9 @@ from codec_jax.audio.io import atomic_output
 from codec_jax.errors import WorkError
 
 MAGIC = b"SNACODES"
-VERSION = 1
+VERSION = 1  # fixed-width codes: what every reader since the first reads
+ENTROPY_VERSION = 2  # entropy-coded payload (`--entropy`)
+VERSIONS = (VERSION, ENTROPY_VERSION)
 SUFFIX = ".snac"
 _PREFIX = struct.Struct("<8sII")  # magic, version, header length
 _CRC = struct.Struct("<I")
@@ -64,6 +68,10 @@ class ModelMismatchError(CodesFileError):
     """The codes were made by a different model than the one asked for."""
 
 
+class EntropyModelError(CodesFileError):
+    """The payload is entropy-coded with a context model that was not given (or another one)."""
+
+
 @dataclasses.dataclass(frozen=True)
 class CodesFile:
     """One coded clip.
@@ -79,6 +87,7 @@ class CodesFile:
       model_name: the preset or directory name the model was loaded from.
       config: the model's `SNACConfig` as a dict.
       source: the input's path relative to its input root ("" when unknown).
+      codebook_sizes: codes per level's codebook (from the header's level descriptions).
     """
 
     codes: list[np.ndarray]
@@ -90,6 +99,7 @@ class CodesFile:
     model_name: str
     config: dict
     source: str = ""
+    codebook_sizes: tuple[int, ...] = ()
 
     @property
     def frames(self) -> list[int]:
@@ -137,8 +147,14 @@ def encode_codes(
     config: dict,
     codebook_sizes: Sequence[int],
     source: str = "",
+    entropy: Any = None,
 ) -> bytes:
-    """Codes per level (`[frames]` or `[channels, frames]`, any int dtype) -> file bytes."""
+    """Codes per level (`[frames]` or `[channels, frames]`, any int dtype) -> file bytes.
+
+    `entropy`: None stores fixed-width codes (format version 1); `"adaptive"` or a
+    `codec_jax.audio.entropy.ContextModel` range-codes each channel's code streams
+    (version 2: lossless, typically a fraction of the fixed width; a context model must
+    then be given to `parse_codes` / `load_codes` too)."""
     if not codes:
         raise ValueError("no code levels to store")
     arrays = [np.asarray(c) for c in codes]
@@ -153,6 +169,22 @@ def encode_codes(
         dt = code_dtype(int(size))
         levels.append({"frames": int(arr2.shape[1]), "dtype": dt.name, "codebook_size": int(size)})
         payload.append(np.ascontiguousarray(arr2, dt.newbyteorder("<")).tobytes())
+    coding = None
+    if entropy is not None:
+        from codec_jax.audio import entropy as entropy_coding
+
+        model = None if isinstance(entropy, str) and entropy == "adaptive" else entropy
+        if model is not None and not isinstance(model, entropy_coding.ContextModel):
+            raise ValueError(f"entropy must be None, 'adaptive' or a ContextModel, got {entropy!r}")
+        coding = {"kind": "adaptive" if model is None else "context",
+                  "model_id": None if model is None else model.model_id.hex()}
+        sizes = [int(s) for s in codebook_sizes]
+        payload = []
+        for ch in range(channels):
+            stream = entropy_coding.encode(
+                [(a.reshape(channels, -1) if a.ndim == 1 else a)[ch] for a in arrays], sizes, model=model)
+            payload.append(struct.pack("<I", len(stream)) + stream)
+        coding["bytes"] = sum(len(x) for x in payload)  # lets a reader tell truncation from damage
     header = {
         "model": {"id": model_id, "name": model_name, "config": config},
         "sample_rate": int(sample_rate),
@@ -162,14 +194,20 @@ def encode_codes(
         "levels": levels,
         "source": source,
     }
+    if coding is not None:
+        header["coding"] = coding
     head = json.dumps(header, sort_keys=True, separators=(",", ":")).encode()
-    body = _PREFIX.pack(MAGIC, VERSION, len(head)) + head + b"".join(payload)
+    version = VERSION if coding is None else ENTROPY_VERSION
+    body = _PREFIX.pack(MAGIC, version, len(head)) + head + b"".join(payload)
     return body + _CRC.pack(zlib.crc32(body))
 
 
 def parse_codes(data: bytes, *, name: str = "<bytes>",
-                expect_model_id: Optional[str] = None) -> CodesFile:
-    """File bytes -> `CodesFile`, or a named `CodesFileError` saying what is wrong."""
+                expect_model_id: Optional[str] = None, entropy_model: Any = None) -> CodesFile:
+    """File bytes -> `CodesFile`, or a named `CodesFileError` saying what is wrong.
+
+    `entropy_model`: the `ContextModel` a context-coded (version 2) file was written with;
+    not needed for fixed-width or adaptive files."""
     data = bytes(data)
     if len(data) < len(MAGIC) or bytes(data[: len(MAGIC)]) != MAGIC:
         if len(data) < len(MAGIC) and MAGIC.startswith(bytes(data)):
@@ -185,19 +223,24 @@ def parse_codes(data: bytes, *, name: str = "<bytes>",
         if expected is not None and expected > len(data):
             raise TruncatedCodesError(
                 f"{name}: truncated codes file ({len(data)} of {expected} bytes)")
-        if version != VERSION and expected is None:
+        if version not in VERSIONS and expected is None:
             raise CodesVersionError(
-                f"{name}: codes format version {version}; this codec_jax reads version {VERSION}")
+                f"{name}: codes format version {version}; this codec_jax reads versions {VERSIONS}")
         raise CorruptCodesError(f"{name}: corrupted codes file (checksum mismatch)")
-    if version != VERSION:
+    if version not in VERSIONS:
         raise CodesVersionError(
-            f"{name}: codes format version {version}; this codec_jax reads version {VERSION}")
+            f"{name}: codes format version {version}; this codec_jax reads versions {VERSIONS}")
     try:
         header = _parse_header(bytes(data[_PREFIX.size:_PREFIX.size + head_len]))
+        if ("coding" in header) != (version == ENTROPY_VERSION):
+            raise ValueError(f"version {version} with{'' if 'coding' in header else 'out'} an entropy coding entry")
         offset = _PREFIX.size + head_len
         channels = header["channels"]
         codes = []
-        for level in header["levels"]:
+        if "coding" in header:
+            codes = _entropy_payload(data[:len(body)], offset, header, name, entropy_model)
+            offset = len(body)
+        for level in header["levels"] if "coding" not in header else ():
             dt = np.dtype(level["dtype"]).newbyteorder("<")
             count = channels * level["frames"]
             arr = np.frombuffer(data, dtype=dt, count=count, offset=offset)
@@ -209,7 +252,7 @@ def parse_codes(data: bytes, *, name: str = "<bytes>",
         if offset != len(body):
             raise ValueError(f"payload is {len(body) - _PREFIX.size - head_len} bytes, "
                              f"header describes {offset - _PREFIX.size - head_len}")
-    except (ValueError, KeyError, TypeError) as e:
+    except (ValueError, KeyError, TypeError, struct.error) as e:
         # A valid checksum over an inconsistent header: written by a broken writer.
         raise CorruptCodesError(f"{name}: inconsistent codes file ({e})") from None
     model = header["model"]
@@ -217,12 +260,56 @@ def parse_codes(data: bytes, *, name: str = "<bytes>",
         codes=codes, length=header["length"], sample_rate=header["sample_rate"],
         original_sample_rate=header["original_sample_rate"], channels=channels,
         model_id=model["id"], model_name=model["name"], config=model["config"],
-        source=header["source"])
+        source=header["source"],
+        codebook_sizes=tuple(int(lv["codebook_size"]) for lv in header["levels"]))
     if expect_model_id is not None and out.model_id != expect_model_id:
         raise ModelMismatchError(
             f"{name}: made by model {out.model_name!r} ({out.model_id[:12]}), not the model "
             f"given ({expect_model_id[:12]}); pass --force to decode anyway")
     return out
+
+
+def _entropy_payload(body: bytes, offset: int, header: dict, name: str, entropy_model) -> list[np.ndarray]:
+    """Version 2 payload -> codes per level (`[frames]` or `[channels, frames]`)."""
+    from codec_jax.audio import entropy as entropy_coding
+
+    coding = header["coding"]
+    if coding.get("kind") == "context":
+        want = coding.get("model_id")
+        if entropy_model is None:
+            raise EntropyModelError(
+                f"{name}: entropy-coded with context model {str(want)[:12]}; pass that model "
+                "(--entropy-model MODEL.npz, or entropy_model=ContextModel.load(...))")
+        if entropy_model.model_id.hex() != want:
+            raise EntropyModelError(
+                f"{name}: entropy-coded with context model {str(want)[:12]}, not the model "
+                f"given ({entropy_model.model_id.hex()[:12]})")
+    elif coding.get("kind") != "adaptive":
+        raise ValueError(f"unknown entropy coding {coding.get('kind')!r}")
+    else:
+        entropy_model = None
+    per_channel = []
+    for _ in range(header["channels"]):
+        (size,) = struct.unpack_from("<I", body, offset)
+        stream = bytes(body[offset + 4: offset + 4 + size])
+        if len(stream) != size:
+            raise ValueError("entropy stream shorter than its byte count")
+        offset += 4 + size
+        try:
+            per_channel.append(entropy_coding.decode(stream, model=entropy_model))
+        except entropy_coding.EntropyStreamError as e:
+            raise ValueError(str(e)) from None
+    if offset != len(body):
+        raise ValueError(f"{len(body) - offset} bytes after the last entropy stream")
+    codes = []
+    for level, lv in enumerate(header["levels"]):
+        rows = [ch[level] for ch in per_channel]
+        if any(r.size != lv["frames"] for r in rows) or any(
+                r.size and r.max() >= lv["codebook_size"] for r in rows):
+            raise ValueError(f"level {level}: decoded codes do not match the header")
+        dt = np.dtype(lv["dtype"])
+        codes.append(rows[0].astype(dt) if len(rows) == 1 else np.stack(rows).astype(dt))
+    return codes
 
 
 def _declared_size(data, head_len: int) -> Optional[int]:
@@ -235,8 +322,13 @@ def _declared_size(data, head_len: int) -> Optional[int]:
         header = _parse_header(bytes(data[_PREFIX.size:_PREFIX.size + head_len]))
     except (ValueError, KeyError, TypeError):
         return None
-    payload = sum(header["channels"] * lv["frames"] * np.dtype(lv["dtype"]).itemsize
-                  for lv in header["levels"])
+    if isinstance(header.get("coding"), dict):
+        payload = header["coding"].get("bytes")
+        if not isinstance(payload, int):
+            return None
+    else:
+        payload = sum(header["channels"] * lv["frames"] * np.dtype(lv["dtype"]).itemsize
+                      for lv in header["levels"])
     return _PREFIX.size + head_len + payload + _CRC.size
 
 
@@ -271,7 +363,8 @@ def save_codes(path: str | os.PathLike, codes: Sequence[np.ndarray], *, overwrit
             f.write(data)
 
 
-def load_codes(path: str | os.PathLike, *, expect_model_id: Optional[str] = None) -> CodesFile:
+def load_codes(path: str | os.PathLike, *, expect_model_id: Optional[str] = None,
+               entropy_model: Any = None) -> CodesFile:
     """Reads a `.snac` codes file; raises a named `CodesFileError` for any bad file.
 
     `expect_model_id` (a `model_identity`) makes codes of any other model a
@@ -284,4 +377,5 @@ def load_codes(path: str | os.PathLike, *, expect_model_id: Optional[str] = None
         raise CodesFileError(f"{path}: is a directory, not a codes file") from None
     except OSError as e:
         raise CodesFileError(f"{path}: cannot read ({e.strerror or e})") from None
-    return parse_codes(data, name=os.fspath(path), expect_model_id=expect_model_id)
+    return parse_codes(data, name=os.fspath(path), expect_model_id=expect_model_id,
+                       entropy_model=entropy_model)

@@ -19,6 +19,7 @@ _COMMANDS = {
     "train": ("codec_jax.cli.train", "main", "train a codec (codec_jax/configs/*.py)"),
     "prepare-data": ("codec_jax.cli.prepare", "main", "audio folder -> TFDS array_record dataset"),
     "eval": ("codec_jax.cli.eval", "main", "measure a codec on audio files: metrics, report"),
+    "entropy-fit": ("codec_jax.cli.entropy", "main", "codes files -> context model for --entropy"),
 }
 
 

@@ -89,6 +89,18 @@ def _load_model(model: str, dtype: str):
         raise UsageError(str(e).strip("'\"")) from None
 
 
+def _entropy_option(value):
+    """--entropy / --entropy-model -> None, "adaptive" or a loaded ContextModel."""
+    if value is None or value == "adaptive":
+        return value
+    from codec_jax.audio.entropy import ContextModel
+    from codec_jax.errors import UsageError
+
+    if not os.path.exists(value):
+        raise UsageError(f"--entropy: {value!r} is neither 'adaptive' nor an existing context model file")
+    return ContextModel.load(value)
+
+
 def _model_name(model: str) -> str:
     return os.path.basename(os.path.normpath(model))
 
@@ -111,6 +123,10 @@ def encode_main(argv):
     p.add_argument("--workers", type=int, default=min(os.cpu_count() or 1, 8),
                    help="decode/resample processes (0: in the main process)")
     p.add_argument("--shard-size", type=int, default=1024, help="records per shard")
+    p.add_argument("--entropy", default=None, metavar="adaptive|MODEL.npz",
+                   help="entropy-code the codes (lossless): 'adaptive' needs nothing else; a "
+                        "context model from `codec-jax entropy-fit` codes smaller and must be "
+                        "given to decode too (docs/codes_format.md)")
     p.add_argument("--resample-quality", default="HQ", choices=["QQ", "LQ", "MQ", "HQ", "VHQ"])
     p.add_argument("--overwrite", action="store_true",
                    help="code again files (or this process's shards) that are already done")
@@ -134,7 +150,7 @@ def encode_main(argv):
             batch_size=args.batch_size, window_seconds=args.window_seconds, buckets=args.buckets,
             workers=args.workers, overwrite=args.overwrite, shard_size=args.shard_size,
             resample_quality=args.resample_quality, progress=not args.no_progress,
-            max_devices=args.max_devices)
+            max_devices=args.max_devices, entropy=_entropy_option(args.entropy))
         report = corpus.encode_corpus(codec, _model_name(args.model), files, options)
     print(report.summary(), file=sys.stderr)
     return 1 if report.failed else 0
@@ -153,6 +169,8 @@ def decode_main(argv):
                    help="output extension (wav, flac, ogg, mp3, aiff); default: the source's")
     p.add_argument("--force", action="store_true",
                    help="decode codes made by another model of the same architecture")
+    p.add_argument("--entropy-model", default=None, metavar="MODEL.npz",
+                   help="the context model context-coded codes were written with")
     p.add_argument("--overwrite", action="store_true", help="replace existing audio files")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     _batch_args(p)
@@ -170,7 +188,8 @@ def decode_main(argv):
             output_dir=args.output_dir, audio_format=args.audio_format,
             batch_size=args.batch_size, window_seconds=args.window_seconds, buckets=args.buckets,
             overwrite=args.overwrite, force=args.force, progress=not args.no_progress,
-            max_devices=args.max_devices)
+            max_devices=args.max_devices,
+            entropy_model=_entropy_option(args.entropy_model) if args.entropy_model else None)
         report = corpus.decode_corpus(codec, files, options)
     print(report.summary(), file=sys.stderr)
     return 1 if report.failed else 0
