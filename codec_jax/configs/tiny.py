@@ -8,7 +8,7 @@ smaller discriminator and mel scales that fit the short crops. It exercises ever
 code path of the real configs (GAN step, EMA codebooks, sharding, checkpoints, eval).
 On 2 CPU cores: about 2.5 minutes of compilation, 140 s of CPU time measured by
 `bench/bench_cold_start.py` (once; set `--config.train.compilation_cache_dir` to keep
-it across restarts), then about a second per step; the mel loss halves within ~30 steps.
+it across restarts), then well under a second per step; the mel loss halves within ~30 steps.
 """
 
 from codec_jax.configs.base import apply_variants, base_config
