@@ -7,6 +7,8 @@ driver (`TENSORSTORE_GCS_HTTP_URL`), JAX's compilation cache through etils.epath
 tensorboardX through `codec_jax.training.metrics`' epath event files. Not covered: real
 GCS authentication, and TFDS data dirs on `gs://` (array_record's C++ reader does not
 use the emulator endpoint; see docs/cloud_tpu.md).
+
+The full cycle is slow (two tiny runs with compilation) and is marked `slow`.
 """
 
 from __future__ import annotations
@@ -87,6 +89,7 @@ def test_event_files_roll_over_on_a_bucket(bucket, monkeypatch):
     assert steps == list(range(60))
 
 
+@pytest.mark.slow
 def test_train_resume_eval_export_on_a_bucket(bucket, tmp_path, monkeypatch,
                                               restore_compilation_cache, capsys):
     from etils import epath

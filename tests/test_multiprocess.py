@@ -108,7 +108,10 @@ def worker(mode, workdir, report, pid, nproc, port, steps, cache) -> None:
 
     nproc, pid, steps = int(nproc), int(pid), int(steps)
     if nproc > 1:
-        jax.distributed.initialize(f"localhost:{port}", num_processes=nproc, process_id=pid)
+        # A long heartbeat timeout: a worker compiling on a busy CPU can go silent for
+        # minutes, and the coordination service would declare it dead (seen at 100 s).
+        jax.distributed.initialize(f"localhost:{port}", num_processes=nproc, process_id=pid,
+                                   heartbeat_timeout_seconds=1200)
     from codec_jax.configs import tiny
     from codec_jax.data import pipeline
     from codec_jax.training import checkpoint as ckpt_lib
@@ -269,7 +272,7 @@ def batch_worker(workdir, report, pid, nproc, port) -> None:
     import jax.numpy as jnp
 
     jax.distributed.initialize(f"localhost:{port}", num_processes=int(nproc),
-                               process_id=int(pid))
+                               process_id=int(pid), heartbeat_timeout_seconds=1200)
     from codec_jax.configs import tiny
     from codec_jax.data import pipeline
     from codec_jax.training import sharding
