@@ -88,9 +88,14 @@ def test_named_errors(tmp_path):
     # A future version, written consistently (valid checksum), is named as such.
     import struct
     import zlib
+    body = blob[:8] + struct.pack("<I", 3) + blob[12:-4]
+    (tmp_path / "v3").write_bytes(body + struct.pack("<I", zlib.crc32(body)))
+    with pytest.raises(cf.CodesVersionError, match="version 3"):
+        codec_jax.load_codes(tmp_path / "v3")
+    # Version 2 (entropy-coded) without its coding entry is inconsistent, not misread.
     body = blob[:8] + struct.pack("<I", 2) + blob[12:-4]
     (tmp_path / "v2").write_bytes(body + struct.pack("<I", zlib.crc32(body)))
-    with pytest.raises(cf.CodesVersionError, match="version 2"):
+    with pytest.raises(cf.CorruptCodesError, match="version 2 without an entropy coding entry"):
         codec_jax.load_codes(tmp_path / "v2")
     with pytest.raises(cf.ModelMismatchError, match="--force"):
         codec_jax.load_codes(_write(tmp_path, blob),
