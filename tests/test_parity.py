@@ -15,8 +15,10 @@ from snac_reference import (build_reference, disable_noise, make_signals, refere
                             reference_encode, reference_margins, save_hub_directory)
 
 PRESETS = ["tiny", "snac_24khz", "snac_32khz", "snac_44khz"]
-# The full presets take minutes on a CPU: `-m "not slow"` keeps only tiny.
-PRESET_PARAMS = [p if p == "tiny" else pytest.param(p, marks=pytest.mark.slow) for p in PRESETS]
+# Parity with the reference on every published preset is the project's central oracle, so
+# it runs in CI's subset (`-m "not slow"`) although the full presets take minutes on a CPU
+# (6 tests: 13 min at load 5 on the 2-core VM, 2026-12-01).
+PRESET_PARAMS = PRESETS
 MIN_CODE_AGREEMENT = 0.999
 LATENT_REL_TOL = 1e-4
 DECODE_ABS_TOL = 1e-4
