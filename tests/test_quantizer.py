@@ -129,7 +129,7 @@ def test_cli_reports_the_bitrate_of_per_level_codebook_sizes(tmp_path, capsys):
     codec_jax.Codec(tiny, variables, quantizer=quantizer).save(tmp_path / "codec")
     wav = tmp_path / "clip.wav"
     sf.write(wav, 0.1 * np.sin(np.arange(tiny.pad_multiple) * 0.05), tiny.sampling_rate)
-    assert codec_cli.encode_main([str(tmp_path / "codec"), str(wav), "-o", str(tmp_path)]) == 0
+    assert codec_cli.roundtrip_main([str(tmp_path / "codec"), str(wav), "-o", str(tmp_path / "out.wav")]) == 0
     # 16000 / 24 finest frames/s, log2 16 / 4 + log2 32 / 2 + log2 64 bits per frame: 6.33
     # kbps (the single size 64 would claim 7.00).
     assert "6.33 kbps" in capsys.readouterr().out

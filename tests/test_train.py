@@ -356,6 +356,7 @@ def _all_finite(tree) -> bool:
                if np.issubdtype(np.asarray(x).dtype, np.floating))
 
 
+@pytest.mark.slow  # trains the tiny GAN step; >10 GB RSS per process seen on 2026-12-01
 def test_nan_in_optimizer_state_is_never_applied_or_saved(tmp_path, xla_cache):
     """A NaN already in Adam's first moment leaves losses and gradients finite but would
     write NaN into the parameters: the step's check of the *new* state drops the update,
@@ -547,6 +548,7 @@ def test_checkpoint_integrity_on_a_small_state(tmp_path, kind, caplog):
     assert_trees_equal(jax.device_get(state), jax.device_get(state_at(3)))
 
 
+@pytest.mark.slow  # trains the tiny GAN step; >10 GB RSS per process seen on 2026-12-01
 @pytest.mark.parametrize("kind", DAMAGE_KINDS)
 def test_damaged_checkpoints_are_detected_and_passed_over(tmp_path, trained_run, kind, caplog):
     """Each kind of damage in the newest checkpoint, then also in the middle one: the
@@ -590,6 +592,7 @@ def test_damaged_checkpoints_are_detected_and_passed_over(tmp_path, trained_run,
             assert "differs from the checksum recorded at save" in reports[0]
 
 
+@pytest.mark.slow  # trains the tiny GAN step; >10 GB RSS per process seen on 2026-12-01
 def test_damaged_checkpoints_are_replaced_when_the_run_reaches_them(tmp_path, trained_run,
                                                                    xla_cache, capsys):
     """A finished job whose final checkpoint is damaged retrains the last steps and
