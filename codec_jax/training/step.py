@@ -189,9 +189,11 @@ def _deinterleave(tree: Any) -> tuple[Any, Any]:
 def _all_finite(*trees: Any) -> jax.Array:
     """bool `[]`: every floating-point leaf of `trees` is free of NaN and inf.
 
-    A chain of per-leaf counts added up (the shape of `optax.tree.norm`, which XLA
-    fuses into the producers' loops) rather than one giant stack of per-leaf flags;
-    counting with integers keeps it exact and immune to fast-math folding.
+    A chain of per-leaf counts added up; counting with integers keeps it exact and immune
+    to fast-math folding. Meant for small trees (scalars, codebooks, balancer state): over
+    the ~1000 leaves of the new parameters and optimizer moments it made XLA's compile of
+    the train step explode (tiny config on CPU: 64 s without it, over 9 minutes with it;
+    `bench/bench_step_compile.py`), which is why the step checks the updates instead.
     """
     leaves = [x for t in trees for x in jax.tree_util.tree_leaves(t)
               if jnp.issubdtype(jnp.asarray(x).dtype, jnp.inexact)]
@@ -199,6 +201,18 @@ def _all_finite(*trees: Any) -> jax.Array:
     for x in leaves:
         bad = bad + jnp.sum(~jnp.isfinite(x), dtype=jnp.int32)
     return bad == 0
+
+
+def _updates_finite(*updates: Any) -> jax.Array:
+    """bool `[]`: the optimizer updates are finite, through their global norm.
+
+    With the old parameters and moments finite (the step keeps them so), the new ones are
+    finite exactly when the updates are: a NaN learning rate, an infinite loss weight or a
+    NaN already in an Adam moment all surface in the update (`m / (sqrt(v) + eps)`). One
+    norm per tree has the shape of the gradient-norm reductions XLA already fuses cheaply.
+    An update of norm above ~1e19 overflows the float32 sum of squares and is dropped too.
+    """
+    return jnp.all(jnp.stack([jnp.isfinite(optax.tree.norm(u)) for u in updates]))
 
 
 def _select(ok: jax.Array, new: Any, old: Any) -> Any:
@@ -337,8 +351,8 @@ def make_train_step(
         #    already in an optimizer moment leaves the losses finite but poisons the
         #    new parameters).
         losses_ok = _all_finite(gen_total, disc_loss, gen_norm, disc_norm)
-        update_ok = _all_finite(gen_params, disc_params, gen_opt_state, disc_opt_state,
-                                aux["codebook"], new_balancer)
+        update_ok = (_updates_finite(gen_updates, disc_updates)
+                     & _all_finite(aux["codebook"], new_balancer))
         ok = losses_ok & update_ok
         new_state = TrainState(
             step=state.step + 1,

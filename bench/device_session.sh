@@ -1,0 +1,57 @@
+#!/usr/bin/env bash
+# One call of a lent H200 for the end-to-end jobs: the corpus tokenizer beside the reference
+# loop (issue 10) and a segment of the quality-vs-compute training run (issues 14, 15, 17).
+# Back-to-back calls find the machine warm, so /tmp/qc (dataset, checkpoints, XLA cache)
+# carries the training run from one call to the next; a cold machine starts it again.
+#
+#   run(command="bash bench/device_session.sh corpus curve", carry=[".whl", ".gpu_audio"])
+#   run(command="bash bench/device_session.sh curve", carry=[".whl", ".gpu_audio"])
+#
+# .gpu_audio/ (not in git, ~47 MB): speech/ = every .ogg of Debian's klettres-data with its
+# folder structure (the demo speech set, as scripts/prepare_demo_data.sh reads it) and
+# music/ = two Wesnoth tracks (underground.ogg, main_menu.ogg), cut into pieces for the
+# corpus job. .whl/ holds the wheels (bench/device_corpus.sh, bench/quality_curve.py).
+# Environment: CURVE_MINUTES (minutes left to the curve segment, default 8.5),
+# CURVE_STEPS (export/eval steps), CORPUS_SECONDS (limit of the corpus bench).
+set -u
+OUT=${OUT:-bench_out}
+mkdir -p "$OUT"
+export XLA_PYTHON_CLIENT_PREALLOCATE=false PYTHONUNBUFFERED=1
+t_start=$(date +%s)
+if [[ ! -f /tmp/site/.installed ]]; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+    --target /tmp/site .whl/*.whl && touch /tmp/site/.installed || exit 1
+fi
+export PYTHONPATH=$PWD:/tmp/site
+python3 -c "import jax, torch, soundfile, soxr, snac, pesq, pystoi, visqol, grain, tensorflow_datasets; print('jax', jax.__version__, jax.devices(), 'torch', torch.__version__)" || exit 1
+nvidia-smi --query-gpu=name,memory.total,memory.used,clocks.sm --format=csv,noheader
+
+for part in "$@"; do
+  echo "=== $part $(date -u +%H:%M:%S)"
+  case "$part" in
+    corpus)
+      # All 1836 klettres files and 100 music pieces of 5-60 s; the reference loop codes an
+      # even spread of 500 of them (its rate is per audio second, so a subset measures it).
+      MUSIC_PIECES=${MUSIC_PIECES:-100} REF_LIMIT=${REF_LIMIT:-500} BATCH=${BATCH:-32} \
+        timeout "${CORPUS_SECONDS:-330}" bash bench/device_corpus.sh .gpu_audio
+      rm -f "$OUT/nvidia_smi.csv" ;;
+    curve)
+      used=$(( $(date +%s) - t_start ))
+      minutes=$(python3 -c "print(max(1.0, ${CURVE_MINUTES:-8.5} - $used / 60))")
+      python3 bench/quality_curve.py run --workdir /tmp/qc --source-dir .gpu_audio/speech \
+        --data-dir /tmp/qc/tfds --steps "${CURVE_STEPS:-300,1000,2500,4500,7000,10000}" \
+        --time-limit-minutes "$minutes" --eval-reserve-minutes 1.5 \
+        2>&1 | tee -a "$OUT/quality_curve.log"
+      cp /tmp/qc/quality_curve.csv "$OUT/" 2>/dev/null
+      if [[ -f /tmp/qc/quality_curve.csv ]]; then
+        python3 bench/quality_curve.py plot /tmp/qc/quality_curve.csv --png "$OUT/quality_curve.png"
+      fi
+      # The trainer's own metrics (step time, losses, code usage) for BENCHMARKS.md.
+      [[ -f /tmp/qc/train/metrics.jsonl ]] && cp /tmp/qc/train/metrics.jsonl "$OUT/train_metrics.jsonl"
+      # At most 8 files come back: the evaluations' summaries and per-file tables in one tar.
+      [[ -d /tmp/qc/evals ]] && tar czf "$OUT/evals.tgz" -C /tmp/qc \
+        $(cd /tmp/qc && ls evals/*/summary.json evals/*/metrics.csv 2>/dev/null) ;;
+    *) echo "unknown part $part" >&2; exit 2 ;;
+  esac
+done
+echo "=== done $(date -u +%H:%M:%S)"
