@@ -522,8 +522,11 @@ def _group_length(codec, num_samples: int) -> int:
 
 
 def _batch_rows(count: int, batch_size: int) -> int:
-    """Rows a batch of `count` files is padded to: powers of two up to `batch_size`, so
-    that partial batches reuse a few compiled shapes."""
+    """Rows every batch of a run of `count` files is padded to: the next power of two,
+    at most `batch_size`. One row count for the whole run, so that each width bucket
+    compiles once: on a GPU each new shape is an autotuned compile of encode, decode and
+    the metrics (~10 s each on an H200), which dominated a 37-file evaluation when every
+    bucket's partial last batch had a row count of its own."""
     rows = 1
     while rows < count:
         rows *= 2
@@ -661,10 +664,10 @@ def evaluate_codec(codec, inputs: Sequence[str], out_dir: str | os.PathLike, *,
         groups.setdefault(_group_length(codec, x.shape[0]), []).append(i)
     batches = [(length, members[j:j + settings.batch_size]) for length, members in sorted(groups.items())
                for j in range(0, len(members), settings.batch_size)]
+    rows = _batch_rows(len(audio), settings.batch_size)
     try:
         with tqdm(total=len(files), desc="coding", disable=not settings.progress, file=sys.stderr) as bar:
             for length, members in batches:
-                rows = _batch_rows(len(members), settings.batch_size)
                 batch = np.zeros((rows, length), np.float32)
                 lengths = np.full(rows, length)
                 for r, i in enumerate(members):
