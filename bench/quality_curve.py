@@ -298,7 +298,10 @@ def run(args) -> int:
                             env=env, timeout=remaining)
             state["train_seconds"] += time.monotonic() - t0
             state_path.write_text(json.dumps(state, indent=2))
-            if rc != 0:
+            # Stopped by the time limit after its last step: the trainer still wrote the
+            # export (SIGTERM saves and exports), so the step is done; evaluate it.
+            finished = (train_dir / "export").exists() and _latest_checkpoint(train_dir) >= step
+            if rc != 0 and not finished:
                 if rc == -signal.SIGTERM:
                     _log(f"stopped at step {_latest_checkpoint(train_dir)} of {step}; call again to resume")
                     return 0
