@@ -478,5 +478,21 @@ def load_converted(path: str | os.PathLike):
     if (path / QUANTIZER_JSON).exists():
         quantizer = QuantizerConfig.from_dict(json.loads((path / QUANTIZER_JSON).read_text()))
     with ocp.StandardCheckpointer() as checkpointer:
-        variables = checkpointer.restore(path / PARAMS_SUBDIR)
+        variables = checkpointer.restore(path / PARAMS_SUBDIR, _single_device_target(
+            checkpointer.metadata(path / PARAMS_SUBDIR)))
     return config, variables, quantizer
+
+
+def _single_device_target(metadata: Any) -> Any:
+    """A restore target of the saved shapes and dtypes, every array on this process's
+    first device. Without one, orbax restores onto the shardings recorded at save time and
+    refuses ("Topology mismatch") an export written by a multi-device or multi-process run,
+    i.e. every export of a pod-slice or multi-GPU training, on a laptop."""
+    import jax
+
+    tree = getattr(metadata, "item_metadata", metadata)  # StepMetadata in newer orbax
+    tree = getattr(tree, "tree", tree)
+    sharding = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    return jax.tree_util.tree_map(
+        lambda m: jax.ShapeDtypeStruct(tuple(m.shape), m.dtype, sharding=sharding), tree,
+        is_leaf=lambda m: hasattr(m, "shape") and hasattr(m, "dtype"))
