@@ -841,3 +841,22 @@ def test_step_wiring_of_optional_losses_discriminators_and_balancer():
     assert state.balancer is not None and state.codebook == {}
     # bfloat16 compute keeps float32 parameters and optimizer state.
     assert {x.dtype for x in jax.tree_util.tree_leaves(state.gen_params)} == {jnp.dtype("float32")}
+
+
+def test_update_check_catches_a_non_finite_value_in_any_leaf():
+    """The step's guard on what an update produces: any NaN/inf in any leaf of either
+    update tree (as a NaN learning rate or a NaN Adam moment makes) marks the step bad;
+    finite updates, zero ones included, pass."""
+    from codec_jax.training.step import _updates_finite
+
+    good = {"a": jnp.ones(3), "b": {"c": jnp.zeros((2, 2)), "d": jnp.full((4,), -2.5)}}
+    assert bool(_updates_finite(good, good))
+    for bad in (float("nan"), float("inf"), -float("inf")):
+        for path in ("a", "c", "d"):
+            poisoned = {"a": good["a"], "b": dict(good["b"])}
+            if path == "a":
+                poisoned["a"] = good["a"].at[2].set(bad)
+            else:
+                poisoned["b"][path] = good["b"][path].reshape(-1).at[0].set(bad).reshape(good["b"][path].shape)
+            assert not bool(_updates_finite(good, poisoned)), (bad, path)
+            assert not bool(_updates_finite(poisoned, good)), (bad, path)
