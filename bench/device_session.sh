@@ -10,7 +10,13 @@
 # .gpu_audio/ (not in git, ~47 MB): speech/ = every .ogg of Debian's klettres-data with its
 # folder structure (the demo speech set, as scripts/prepare_demo_data.sh reads it) and
 # music/ = two Wesnoth tracks (underground.ogg, main_menu.ogg), cut into pieces for the
-# corpus job. .whl/ holds the wheels (bench/device_corpus.sh, bench/quality_curve.py).
+# corpus job. .whl/ holds the wheels (bench/device_corpus.sh, bench/quality_curve.py, and
+# pesq, libsvm-official, pystoi, visqol-python for the evaluation). Made here with
+#   mkdir -p .gpu_audio/speech .gpu_audio/music && echo /.gpu_audio/ >> .git/info/exclude
+#   (cd /usr/share/klettres && find . -name '*.ogg' -exec cp --parents {} "$OLDPWD/.gpu_audio/speech/" \;)
+#   cp /usr/share/games/wesnoth/1.16/data/core/music/{underground,main_menu}.ogg .gpu_audio/music/
+# The whole travelling tree is then ~65 MB of the 64 MiB (67.1 MB) a call may carry.
+# Calls must follow each other within the machine's 30 s idle window, or /tmp/qc is gone.
 # Environment: CURVE_MINUTES (minutes left to the curve segment, default 8.5),
 # CURVE_STEPS (export/eval steps), CORPUS_SECONDS (limit of the corpus bench).
 set -u
