@@ -150,11 +150,11 @@ def relative_error(a, b) -> float:
     return float(diff / optax.tree.norm(b))
 
 
-def worst_leaf_error(a, b) -> tuple[float, str]:
-    """max over leaves of ||a - b|| / (||b|| + 1e-6 * ||all of b||), with the leaf's path."""
+def worst_leaf_error(a, b, floor: float = 1e-6) -> tuple[float, str]:
+    """max over leaves of ||a - b|| / (||b|| + floor * ||all of b||), with the leaf's path."""
     scale = float(optax.tree.norm(b))
     errors = jax.tree_util.tree_map_with_path(
-        lambda p, x, y: (float(jnp.linalg.norm(x - y) / (jnp.linalg.norm(y) + 1e-6 * scale)),
+        lambda p, x, y: (float(jnp.linalg.norm(x - y) / (jnp.linalg.norm(y) + floor * scale)),
                          jax.tree_util.keystr(p)), a, b)
     return max(jax.tree_util.tree_leaves(errors, is_leaf=lambda t: isinstance(t, tuple)))
 
@@ -185,7 +185,13 @@ def test_discriminator_update_is_grad_of_its_loss_on_the_stopped_reconstruction(
     _, disc_grads = step_gradients(f32["state"], f32["new_state"])
     np.testing.assert_allclose(float(f32["metrics"]["loss/discriminator"]),
                                float(ref_disc_loss), rtol=1e-5)
-    error, leaf = worst_leaf_error(disc_grads, ref_disc)
+    # Over the whole discriminator the two routes agree to 2e-7 (measured 2026-12-02).
+    # Leaf by leaf, the MRD-256 bands' weight-norm magnitudes carry gradients of only
+    # 4e-6..8e-6 of the total norm, with float32 rounding of ~1e-8 of the total: 2e-3 of
+    # their own size. So each leaf is compared relative to its own norm or 1e-3 of the
+    # total, whichever is larger; a wrong or missing term in any leaf is still far out.
+    assert relative_error(disc_grads, ref_disc) < 1e-5
+    error, leaf = worst_leaf_error(disc_grads, ref_disc, floor=1e-3)
     print(f"discriminator: worst leaf error {error:.2e} ({leaf})")
     assert error < F32_RTOL, (error, leaf)
     assert float(optax.tree.norm(ref_disc)) > 0  # a real update, not two zeros
