@@ -778,13 +778,19 @@ def encode_corpus(codec, model_name: str, files: Sequence[InputFile], options: E
             write_manifest(options.output_dir, {"id": model_id, "name": model_name,
                                                 "sample_rate": config.sampling_rate,
                                                 "config": config.to_dict()})
+    return _finish_report(report, runner, timings, t_start, options.output_dir)
+
+
+def _finish_report(report, runner, timings: dict, t_start: float, output_dir):
+    """Fill in the job's wall time, programs, batch shapes and timings, write it, return it
+    (the end of both the encode and the decode job)."""
     report.wall_seconds = time.perf_counter() - t_start
     report.programs = len(runner.shapes)
     report.batches = dict(runner.shapes)
     report.compiled_programs = runner.compiled_programs
     timings["wait_for_device"] = runner.wait_seconds
     report.timings = {k: round(v, 4) for k, v in timings.items()}
-    report.write(options.output_dir)
+    report.write(output_dir)
     return report
 
 
@@ -954,11 +960,4 @@ def decode_corpus(codec, files: Sequence[InputFile], options: DecodeOptions, *,
         raise
     finally:
         progress.close()
-    report.wall_seconds = time.perf_counter() - t_start
-    report.programs = len(runner.shapes)
-    report.batches = dict(runner.shapes)
-    report.compiled_programs = runner.compiled_programs
-    timings["wait_for_device"] = runner.wait_seconds
-    report.timings = {k: round(v, 4) for k, v in timings.items()}
-    report.write(options.output_dir)
-    return report
+    return _finish_report(report, runner, timings, t_start, options.output_dir)
