@@ -17,7 +17,8 @@
 #   cp /usr/share/games/wesnoth/1.16/data/core/music/{underground,main_menu}.ogg .gpu_audio/music/
 # The whole travelling tree is then ~65 MB of the 64 MiB (67.1 MB) a call may carry.
 # Calls must follow each other within the machine's 30 s idle window, or /tmp/qc is gone.
-# Environment: CURVE_MINUTES (minutes left to the curve segment, default 8.5),
+# Environment: CURVE_LAST (set: the curve's last call, which ends the run at the step it can
+# reach), CURVE_MINUTES (minutes left to the curve segment, default 8.5),
 # CURVE_STEPS (export/eval steps), CORPUS_SECONDS (limit of the corpus bench).
 set -u
 OUT=${OUT:-bench_out}
@@ -53,6 +54,7 @@ for part in "$@"; do
       python3 bench/quality_curve.py run --workdir /tmp/qc --source-dir .gpu_audio/speech \
         --data-dir /tmp/qc/tfds --steps "${CURVE_STEPS:-500,2000,5000,9000,14000}" \
         --time-limit-minutes "$minutes" --eval-reserve-minutes 1.5 \
+        --checkpoint-every 1000 ${CURVE_LAST:+--fit-last-step} \
         2>&1 | tee -a "$OUT/quality_curve.log"
       cp /tmp/qc/quality_curve.csv "$OUT/" 2>/dev/null
       if [[ -f /tmp/qc/quality_curve.csv ]]; then
@@ -63,6 +65,16 @@ for part in "$@"; do
       # At most 8 files come back: the evaluations' summaries and per-file tables in one tar.
       [[ -d /tmp/qc/evals ]] && tar czf "$OUT/evals.tgz" -C /tmp/qc \
         $(cd /tmp/qc && ls evals/*/summary.json evals/*/metrics.csv 2>/dev/null) ;;
+    entropy)
+      # Issue 17: bits per second of the trained codec's codes on the demo speech set
+      # (fixed-width, adaptive and context-model entropy coding, on held-out files).
+      last=$(ls /tmp/qc/exports 2>/dev/null | sort -n | tail -1)
+      [[ -z "$last" ]] && { echo "no export in /tmp/qc/exports" >&2; continue; }
+      rm -rf /tmp/codes
+      time python3 -m codec_jax encode "/tmp/qc/exports/$last" .gpu_audio/speech -o /tmp/codes \
+        --no-progress 2>&1 | tail -12
+      python3 -m codec_jax entropy-fit /tmp/codes -o /tmp/entropy_model.npz \
+        --report "$OUT/entropy_step$last.json" 2>&1 | tail -5 ;;
     *) echo "unknown part $part" >&2; exit 2 ;;
   esac
 done

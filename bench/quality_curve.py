@@ -175,6 +175,28 @@ def _latest_checkpoint(train_dir: Path) -> int:
     return max(ckpts, default=0)
 
 
+def _reachable_step(train_dir: Path, seconds: float, restart_seconds: float) -> int | None:
+    """The step (rounded down to 100) a restarted trainer reaches in `seconds`, at the
+    median step time of its metrics.jsonl; None before any step time is logged."""
+    path = train_dir / "metrics.jsonl"
+    if not path.exists():
+        return None
+    times = []
+    for line in path.read_text().splitlines():
+        try:
+            t = json.loads(line).get("train/perf/step_time_s")
+        except json.JSONDecodeError:
+            continue
+        if t:
+            times.append(float(t))
+    reached = _latest_checkpoint(train_dir)
+    if not times or reached == 0:
+        return None
+    step_time = sorted(times)[len(times) // 2]
+    more = int(max(0.0, seconds - restart_seconds) / step_time) // 100 * 100
+    return reached + more if more > 0 else None
+
+
 def _read_rows(path: Path) -> list[dict]:
     if not path.exists():
         return []
@@ -279,6 +301,14 @@ def run(args) -> int:
 
     base_cfg = _base_config(args.config, args.variant, settings["overrides"])
     audio_seconds_per_step = base_cfg.train.batch_size * base_cfg.data.crop_seconds
+    if args.fit_last_step and deadline is not None:
+        reachable = _reachable_step(train_dir, deadline - time.monotonic() - args.eval_reserve_minutes * 60,
+                                    args.restart_seconds)
+        if reachable is not None and not any(s in done for s in steps if s >= reachable):
+            # The last call's training after the last listed step would otherwise end in a
+            # checkpoint that no row measures; end the run at a step this call can reach.
+            steps = [s for s in steps if s < reachable] + [reachable]
+            _log(f"this call can reach step {reachable}: steps {steps}")
 
     for step in steps:
         if step in done:
@@ -391,6 +421,11 @@ def main(argv=None) -> int:
     r.add_argument("--eval-reserve-minutes", type=float, default=2.0,
                    help="time kept free for the evaluation after a segment")
     r.add_argument("--checkpoint-every", type=int, default=500)
+    r.add_argument("--fit-last-step", action="store_true",
+                   help="this is the last call: end the run at the furthest step it can reach "
+                        "(from the logged step time) and evaluate it")
+    r.add_argument("--restart-seconds", type=float, default=90.0,
+                   help="a restarted trainer's time to its first step, for --fit-last-step")
     r.add_argument("--eval-files", type=int, default=None, help="first N validation records only")
     r.add_argument("--eval-batch-size", type=int, default=8)
     r.add_argument("--no-visqol", action="store_true")
