@@ -302,8 +302,16 @@ def run(args) -> int:
     base_cfg = _base_config(args.config, args.variant, settings["overrides"])
     audio_seconds_per_step = base_cfg.train.batch_size * base_cfg.data.crop_seconds
     if args.fit_last_step and deadline is not None:
-        reachable = _reachable_step(train_dir, deadline - time.monotonic() - args.eval_reserve_minutes * 60,
-                                    args.restart_seconds)
+        seconds = deadline - time.monotonic() - args.eval_reserve_minutes * 60
+        reachable = _reachable_step(train_dir, seconds, args.restart_seconds)
+        # Each listed step before it costs an evaluation and a trainer restart on the way.
+        for _ in range(3):
+            if reachable is None:
+                break
+            before = [s for s in steps if s not in done and s < reachable]
+            reachable = _reachable_step(
+                train_dir, seconds - len(before) * (args.eval_reserve_minutes * 60 + args.restart_seconds),
+                args.restart_seconds)
         if reachable is not None and not any(s in done for s in steps if s >= reachable):
             # The last call's training after the last listed step would otherwise end in a
             # checkpoint that no row measures; end the run at a step this call can reach.
