@@ -104,7 +104,16 @@ class WNConv2d(nn.Module):
             dimension_numbers=("NHWC", "HWIO", "NHWC"),
         )
         bias = self.param("bias", torch_uniform_init(fan_in), (self.features,), self.param_dtype)
-        return y + bias.astype(self.dtype)
+        # The bias is added in float32 and the sum rounded once to `dtype`. Added in
+        # `dtype`, the bias gradient is the transpose of its broadcast: a `dtype`
+        # reduce_sum of the output cotangent over batch x height x width, and XLA:CPU
+        # accumulates a bfloat16 reduction in bfloat16. For the MRD logit map's ~2000
+        # positions that lost 65 % of `conv_post.bias`'s gradient (which carries half of
+        # the tiny discriminator's gradient norm); see bench/disc_bf16_precision.py. In
+        # float32 the reduction is float32 on every backend; the convolution itself (its
+        # forward and both backward convolutions) still runs in `dtype`, and XLA fuses
+        # the casts into the neighbouring elementwise ops.
+        return (y.astype(jnp.float32) + bias.astype(jnp.float32)).astype(self.dtype)
 
 
 class PeriodDiscriminator(nn.Module):
