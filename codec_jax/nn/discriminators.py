@@ -24,7 +24,8 @@ the references' NCHW tensors with the same H/W roles, so kernels like DAC's
 ``(3, 9)`` keep their meaning (3 along time, 9 along frequency).
 
 Parameters are kept in ``param_dtype`` (float32); convolutions run in ``dtype``
-(e.g. bfloat16). Spectrograms are always computed in float32 and cast after.
+(e.g. bfloat16). Spectrograms are always computed in float32 and cast after. Each
+conv's bias is added in float32 (see :class:`WNConv2d`), so its gradient is a float32 sum.
 """
 
 from __future__ import annotations
