@@ -162,3 +162,79 @@ def test_damaged_entropy_coded_files_raise_named_errors(corpus, data):
         error = cf.CodesFileError
     with pytest.raises(error):
         cf.parse_codes(bytes(blob))
+
+
+# ---- stream versions -------------------------------------------------------------------------
+
+FIXTURES = __import__("pathlib").Path(__file__).parent / "fixtures" / "entropy_v1"
+
+
+def test_version_1_streams_still_decode():
+    """Streams written by the version-1 writer (36- and 68-byte headers, kept as bytes
+    in tests/fixtures/entropy_v1 with their codes and context model) decode exactly."""
+    with np.load(FIXTURES / "codes.npz") as z:
+        clip = [z[f"level_{i}"] for i in range(3)]
+    model = E.ContextModel.load(FIXTURES / "model.npz")
+    adaptive, context = (FIXTURES / "adaptive.bin").read_bytes(), (FIXTURES / "context.bin").read_bytes()
+    assert adaptive[4] == 1 and context[4] == 1
+    assert E.header_bytes(adaptive) == 36 and E.header_bytes(context) == 68
+    assert _same(E.decode(adaptive), clip)
+    assert _same(E.decode(context, model=model), clip)
+    with pytest.raises(E.EntropyStreamError, match="different context model"):
+        E.decode(context, model=E.ContextModel.fit([clip], SIZES, STRIDES))
+
+
+def test_version_2_header_is_compact():
+    """SNAC 24 kHz's three 4096-entry levels on a 1.7 s clip (20/40/80 frames): magic 4,
+    version/kind/levels 3, per level a 2-byte size and a 1-byte frame count, CRC 4, and
+    for the context kind 8 bytes of the model id: 20 and 28 bytes."""
+    sizes = (4096, 4096, 4096)
+    rng = np.random.default_rng(3)
+    clip = [rng.integers(0, 4096, n).astype(np.int32) for n in (20, 40, 80)]
+    stream = E.encode(clip, sizes)
+    assert stream[4] == 2 and E.header_bytes(stream) == 20
+    model = E.ContextModel.fit([clip, clip[::-1]], sizes, STRIDES)
+    coded = E.encode(clip, sizes, model=model)
+    assert E.header_bytes(coded) == 28
+    assert coded[20:28] == model.model_id[:8]
+    assert _same(E.decode(coded, model=model), clip) and _same(E.decode(stream), clip)
+    # Frame counts of 128 or more take two bytes (150 and 300 here) and still round-trip.
+    long = [rng.integers(0, 4096, n).astype(np.int32) for n in (75, 150, 300)]
+    assert E.header_bytes(E.encode(long, sizes)) == 22
+    assert _same(E.decode(E.encode(long, sizes)), long)
+
+
+def test_entropy_fit_reports_held_out_bits_per_second(tmp_path, corpus):
+    """`codec-jax entropy-fit` on .snac files: fits on 9 of 10 files and reports the rest,
+    with each figure recomputed here from the files it names."""
+    from codec_jax.cli import entropy as entropy_cli
+
+    rate, hop = 24_000, 512
+    fields = dict(HEADER, config={"vq_strides": list(STRIDES)})
+    for i, clip in enumerate(corpus):
+        fields["length"] = clip[2].size * hop
+        cf.save_codes(tmp_path / "codes" / f"{i:02d}.snac", clip, **fields, source=f"{i:02d}.wav")
+    report = tmp_path / "report.json"
+    assert entropy_cli.main([str(tmp_path / "codes"), "-o", str(tmp_path / "m.npz"), "--report", str(report)]) == 0
+    got = json.loads(report.read_text())
+    held = corpus[::10]  # files 00, 10, 20, 30 (sorted names)
+    assert got["files"] == {"train": len(corpus) - len(held), "held_out": len(held)}
+    seconds = sum(c[2].size * hop for c in held) / rate
+    assert got["held_out_seconds"] == pytest.approx(seconds)
+    bps = got["bits_per_second"]
+    codes = sum(x.size for c in held for x in c)
+    assert bps["fixed_packed"] == pytest.approx(8 * codes / seconds)  # 256 entries: 8 bits
+    assert bps["fixed_payload"] == pytest.approx(8 * codes / seconds)  # uint8 payload
+    model = E.ContextModel.load(tmp_path / "m.npz")
+    context = sum(len(E.encode(c, SIZES, model=model)) for c in held)
+    assert bps["context"] == pytest.approx(8 * context / seconds)
+    varint = lambda n: 1 + (n >= 128) + (n >= 1 << 14)  # LEB128 length for n < 2**21
+    header = sum(7 + sum(varint(v) + varint(x.size) for v, x in zip(SIZES, c)) + 4 + 8 for c in held)
+    assert bps["context_header"] == pytest.approx(8 * header / seconds)
+    files = sum((tmp_path / "codes" / f"{i:02d}.snac").stat().st_size for i in range(0, len(corpus), 10))
+    assert bps["file_fixed"] == pytest.approx(8 * files / seconds)
+    # These codes are predictable: the trained model codes them in well under fixed width,
+    # headers included, and so do whole files.
+    assert bps["context"] < 0.6 * bps["fixed_packed"] and bps["file_context"] < bps["file_fixed"]
+    with pytest.raises(Exception, match="at least 2 codes files"):
+        entropy_cli.main([str(tmp_path / "codes" / "00.snac"), "-o", str(tmp_path / "n.npz")])

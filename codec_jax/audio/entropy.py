@@ -15,11 +15,18 @@ range coder, under one of two probability models:
   `ContextModel.fit`, or `codec-jax entropy-fit`). The model's identity (a hash of its
   arrays) is stored in every stream, so a stream never decodes under another model.
 
-Stream layout (all integers little-endian)::
+Stream layout, version 2 (written; integers little-endian, "uvarint" = LEB128)::
 
-    b"CJEC"  u8 version  u8 model kind  u16 n_levels  u32 codebook size per level
-    u32 frames per level  u32 crc32 of the raw codes  32-byte model id (context only)
+    b"CJEC"  u8 version (2)  u8 model kind  u8 n_levels
+    per level: uvarint codebook size, uvarint frames
+    u32 crc32 of the raw codes  first 8 bytes of the model id (context only)
     u32 words of the range coder's output
+
+20-30 bytes before the payload for SNAC's three levels. Version 1 (still read) spent
+fixed u16/u32 fields and the whole 32-byte model id: 36 / 68 bytes, which on the 1-3 s
+clips of a speech corpus cost more bits per second than entropy coding saved
+(BENCHMARKS.md §8). Eight bytes of a sha256 tell models apart as surely as the 32 for
+this purpose (refusing the wrong model), and a `.snac` file's header carries the full id.
 
 A range decoder fed corrupted words returns other symbols instead of failing, so the
 CRC of the raw codes, checked after decoding, is what turns corruption into an
@@ -40,7 +47,9 @@ import numpy as np
 from codec_jax.errors import WorkError
 
 MAGIC = b"CJEC"
-VERSION = 1
+VERSION = 2
+_READS = (1, 2)
+_MODEL_ID_BYTES = {1: 32, 2: 8}
 _KINDS = {"adaptive": 1, "context": 2}
 _KIND_NAMES = {v: k for k, v in _KINDS.items()}
 _BLOCK = 512  # symbols per block of probability rows: bounds memory at block * codebook floats
@@ -323,13 +332,84 @@ def encode(levels: Sequence[np.ndarray], codebook_sizes: Sequence[int], *, model
             encoder.encode(block, family, rows / rows.sum(axis=1, keepdims=True))
     words = encoder.get_compressed().astype("<u4")
     kind = "adaptive" if model is None else "context"
-    header = MAGIC + struct.pack("<BBH", VERSION, _KINDS[kind], len(sizes))
-    header += struct.pack(f"<{len(sizes)}I", *sizes)
-    header += struct.pack(f"<{len(sizes)}I", *(c.size for c in levels))
+    header = MAGIC + struct.pack("<BBB", VERSION, _KINDS[kind], len(sizes))
+    for size, level in zip(sizes, levels):
+        header += _uvarint(size) + _uvarint(level.size)
     header += struct.pack("<I", _crc(levels))
     if model is not None:
-        header += model.model_id
+        header += model.model_id[:_MODEL_ID_BYTES[VERSION]]
     return header + words.tobytes()
+
+
+def header_bytes(data: bytes) -> int:
+    """Length of a stream's header (everything before the range coder's words)."""
+    return _parse_header(bytes(data), None)[-1]
+
+
+def _uvarint(value: int) -> bytes:
+    out = bytearray()
+    while True:
+        byte, value = value & 0x7F, value >> 7
+        out.append(byte | (0x80 if value else 0))
+        if not value:
+            return bytes(out)
+
+
+def _read_uvarint(data: bytes, pos: int) -> tuple[int, int]:
+    value = shift = 0
+    while True:
+        if pos >= len(data) or shift > 35:
+            raise EntropyStreamError("entropy stream is truncated (header)")
+        byte = data[pos]
+        pos += 1
+        value |= (byte & 0x7F) << shift
+        shift += 7
+        if not byte & 0x80:
+            return value, pos
+
+
+def _parse_header(data: bytes, model):
+    """-> (kind name, codebook sizes, frames, crc, model to decode with, payload offset)."""
+    if len(data) < 7 or data[:4] != MAGIC:
+        raise EntropyStreamError("not an entropy-coded codes stream (bad magic)")
+    version, kind = data[4], data[5]
+    if version not in _READS:
+        raise EntropyStreamError(f"entropy stream version {version} is not supported "
+                                 f"(this build reads {', '.join(map(str, _READS))})")
+    if kind not in _KIND_NAMES:
+        raise EntropyStreamError(f"unknown entropy model kind {kind}")
+    kind = _KIND_NAMES[kind]
+    if version == 1:
+        if len(data) < 8:
+            raise EntropyStreamError("entropy stream is truncated (header)")
+        (n,) = struct.unpack_from("<H", data, 6)
+        pos = 8
+        if len(data) < pos + 8 * n + 4:
+            raise EntropyStreamError("entropy stream is truncated (header)")
+        sizes = struct.unpack_from(f"<{n}I", data, pos); pos += 4 * n
+        frames = struct.unpack_from(f"<{n}I", data, pos); pos += 4 * n
+    else:
+        n, pos = data[6], 7
+        sizes, frames = [], []
+        for _ in range(n):
+            size, pos = _read_uvarint(data, pos)
+            count, pos = _read_uvarint(data, pos)
+            sizes.append(size)
+            frames.append(count)
+    if n == 0:
+        raise EntropyStreamError("entropy stream header is corrupted (no levels)")
+    id_bytes = _MODEL_ID_BYTES[version] if kind == "context" else 0
+    if len(data) < pos + 4 + id_bytes:
+        raise EntropyStreamError("entropy stream is truncated (header)")
+    (crc,) = struct.unpack_from("<I", data, pos); pos += 4
+    stored_id = data[pos:pos + id_bytes]
+    pos += id_bytes
+    if kind == "context" and model is not None:
+        if stored_id != model.model_id[:id_bytes] or tuple(model.codebook_sizes) != tuple(sizes):
+            raise EntropyStreamError("stream was coded with a different context model")
+    elif kind == "adaptive":
+        model = None  # an adaptive stream needs no model
+    return kind, tuple(sizes), tuple(frames), crc, model, pos
 
 
 def decode(data: bytes, *, model: ContextModel | None = None) -> list[np.ndarray]:
@@ -337,31 +417,14 @@ def decode(data: bytes, *, model: ContextModel | None = None) -> list[np.ndarray
     `EntropyStreamError` for anything but an intact stream of this format and model."""
     constriction = _constriction()
     data = bytes(data)
-    if len(data) < 8 or data[:4] != MAGIC:
-        raise EntropyStreamError("not an entropy-coded codes stream (bad magic)")
-    version, kind, n = struct.unpack_from("<BBH", data, 4)
-    if version != VERSION:
-        raise EntropyStreamError(f"entropy stream version {version} is not supported (this build reads {VERSION})")
-    if kind not in _KIND_NAMES:
-        raise EntropyStreamError(f"unknown entropy model kind {kind}")
-    pos = 8
-    need = pos + 8 * n + 4 + (32 if _KIND_NAMES[kind] == "context" else 0)
-    if n == 0 or len(data) < need:
-        raise EntropyStreamError("entropy stream is truncated (header)")
-    sizes = struct.unpack_from(f"<{n}I", data, pos); pos += 4 * n
-    frames = struct.unpack_from(f"<{n}I", data, pos); pos += 4 * n
-    (crc,) = struct.unpack_from("<I", data, pos); pos += 4
-    if _KIND_NAMES[kind] == "context":
-        if model is None:
-            raise EntropyStreamError("stream was coded with a context model; pass the same model to decode it")
-        if data[pos:pos + 32] != model.model_id or tuple(model.codebook_sizes) != tuple(sizes):
-            raise EntropyStreamError("stream was coded with a different context model")
-        pos += 32
-    elif model is not None:
-        model = None  # an adaptive stream needs no model
+    kind, sizes, frames, crc, model_in, pos = _parse_header(data, model)
+    if kind == "context" and model is None:
+        raise EntropyStreamError("stream was coded with a context model; pass the same model to decode it")
+    model = model_in
+    n = len(sizes)
     if (len(data) - pos) % 4:
         raise EntropyStreamError("entropy stream is truncated (payload)")
-    if max(sizes) > 1 << 20 or sum(frames) > 1 << 26:  # one clip: at most ~67M codes (~200 h)
+    if min(sizes) < 1 or max(sizes) > 1 << 20 or sum(frames) > 1 << 26:  # one clip: at most ~67M codes (~200 h)
         raise EntropyStreamError("entropy stream header is corrupted (implausible sizes)")
     words = np.frombuffer(data, dtype="<u4", offset=pos).astype(np.uint32)
     family = constriction.stream.model.Categorical(perfect=False)
