@@ -33,6 +33,7 @@ def test_encode_shapes_and_dtypes(codec):
     np.testing.assert_array_equal(np.asarray(codec.encode(jnp.asarray(audio))[0]), np.asarray(codes[0]))
 
 
+@pytest.mark.slow
 def test_decode_without_rng_is_deterministic_and_noise_differs(codec):
     audio = np.random.default_rng(1).normal(0, 0.2, (1, 3000)).astype(np.float32)
     codes = codec.encode(audio)
@@ -42,6 +43,7 @@ def test_decode_without_rng_is_deterministic_and_noise_differs(codec):
     assert float(jnp.abs(noisy - a).max()) > 0
 
 
+@pytest.mark.slow
 def test_prefix_of_levels_decodes(codec):
     audio = np.random.default_rng(2).normal(0, 0.2, (2, 3000)).astype(np.float32)
     codes = codec.encode(audio)
@@ -51,6 +53,7 @@ def test_prefix_of_levels_decodes(codec):
     assert codec.decode(codes[:1], length=3000).shape == (2, 3000)
 
 
+@pytest.mark.slow
 def test_functional_encode_compiles_once_per_shape():
     config = codec_jax.get_preset("tiny")
     variables = codec_jax.init_variables(config, 0)
@@ -70,6 +73,7 @@ def test_functional_encode_compiles_once_per_shape():
         encode(variables, jnp.zeros((2, 7000)))  # a third shape exceeds the budget
 
 
+@pytest.mark.slow
 def test_public_jitted_functions_cache(codec, monkeypatch):
     """`Codec.encode` / `codec_jax.encode` trace the model once per input shape: the static
     arguments they pass (config, dtype, quantizer) must hash equal across calls."""
@@ -119,6 +123,7 @@ def test_bad_codes_are_rejected(codec):
         codec.decode([codes[0], codes[1] - codes[1] - 1, codes[2]])
 
 
+@pytest.mark.slow
 def test_bfloat16_compute_stays_close(codec):
     audio = np.random.default_rng(3).normal(0, 0.2, (2, 4000)).astype(np.float32)
     codes = codec.encode(audio)
@@ -137,6 +142,7 @@ def test_bitrates_of_published_presets():
     assert round(codec_jax.get_preset("snac_44khz").bitrate() / 1000, 1) == 2.6
 
 
+@pytest.mark.slow
 def test_ema_codec_encodes_decodes_and_round_trips(tmp_path):
     """A codec with EMA codebooks (the `codebook` collection) works through the public API
     and survives save/load with its quantizer config."""

@@ -113,6 +113,7 @@ def test_mismatched_state_dict_names_every_problem(tmp_path):
     assert "quantizer/level_0/codebook" in message
 
 
+@pytest.mark.slow
 def test_orbax_round_trip(tmp_path):
     codec = codec_jax.load_pretrained("tiny")
     codec.save(tmp_path / "saved")
@@ -153,6 +154,7 @@ np.savez(sys.argv[2], **{jax.tree_util.keystr(k): np.asarray(v) for k, v in flat
 '''
 
 
+@pytest.mark.slow
 def test_export_saved_sharded_over_two_devices_loads_on_one(tmp_path):
     """An export written by a run whose arrays were sharded over several devices (a
     multi-GPU or pod-slice training) loads in a one-device process with the same values:

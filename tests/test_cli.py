@@ -43,6 +43,7 @@ def _tone(path, seconds, sr, channels=1, seed=0):
     sf.write(path, 0.5 * make_signals("speech", channels, int(seconds * sr), sr, seed).T, sr)
 
 
+@pytest.mark.slow
 def test_encode_decode_directory_round_trip_with_a_bad_file(tmp_path, model_dir):
     _tone(tmp_path / "in/a/x.wav", 1.3, 22050, channels=2)  # resampled and mixed on read
     _tone(tmp_path / "in/b/x.wav", 0.5, 16000, seed=1)       # same stem, other folder
@@ -112,7 +113,7 @@ def test_roundtrip_command(tmp_path, model_dir, capsys):
     assert _run("roundtrip", model_dir, tmp_path / "in.wav", "-o", tmp_path / "rt.wav") == 2
 
 
-@pytest.mark.slow
+@pytest.mark.long
 def test_sigterm_leaves_no_partial_files_and_the_rerun_finishes(tmp_path, model_dir):
     for i in range(40):
         _tone(tmp_path / f"in/{i:02d}.wav", 0.3 + 0.05 * i, 16000, seed=i)
@@ -144,7 +145,7 @@ def test_sigterm_leaves_no_partial_files_and_the_rerun_finishes(tmp_path, model_
     assert sorted(got) == [f"{i:02d}.wav" for i in range(40)]  # every file exactly once
 
 
-@pytest.mark.slow
+@pytest.mark.long
 def test_two_processes_split_the_corpus_and_match_one_process(tmp_path, model_dir):
     """jax.distributed on CPU: each process codes a disjoint share into the same OUTDIR."""
     import socket

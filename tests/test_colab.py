@@ -11,7 +11,7 @@ import pytest
 NOTEBOOK = Path(__file__).parent.parent / "colab" / "quickstart.ipynb"
 
 
-@pytest.mark.slow
+@pytest.mark.long
 def test_quickstart_notebook_runs(tmp_path, monkeypatch):
     monkeypatch.setenv("CODEC_JAX_NOTEBOOK_STEPS", "4")
     monkeypatch.setenv("CODEC_JAX_NOTEBOOK_WORKDIR", str(tmp_path / "run"))
@@ -39,7 +39,7 @@ def run_notebook(path: Path) -> dict:
     return namespace
 
 
-@pytest.mark.slow
+@pytest.mark.long
 def test_train_notebook_prepares_data_trains_resumes_and_exports(tmp_path, monkeypatch, capsys):
     """train.ipynb top to bottom on CPU with the tiny config: synthetic wav files through
     prepare-data, 2 steps, then a rerun to 4 steps that resumes from the checkpoint."""

@@ -81,6 +81,7 @@ def _leaves_by_path(tree) -> dict[tuple[str, ...], np.ndarray]:
     return {tuple(_name(k) for k in path): np.asarray(leaf) for path, leaf in flat}
 
 
+@pytest.mark.slow
 def test_training_checkpoint_from_previous_code_restores_into_todays_state(tmp_path):
     from codec_jax.data import pipeline
     from codec_jax.training.checkpoint import TrainCheckpointer
@@ -122,7 +123,7 @@ def test_training_checkpoint_from_previous_code_restores_into_todays_state(tmp_p
     train_iter.close()
 
 
-@pytest.mark.slow
+@pytest.mark.long
 def test_training_resumes_from_previous_codes_checkpoint(tmp_path, capsys):
     from codec_jax.training.loop import train_and_evaluate
 

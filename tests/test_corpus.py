@@ -182,6 +182,7 @@ def test_windows_tile_every_frame_once_and_keep_away_from_edges(preset):
 
 
 # --------------------------------------------------------------------------- encode
+@pytest.mark.slow
 def test_every_good_file_coded_as_if_alone_and_bad_ones_reported(codec, reference, corpus_dir,
                                                                   encoded):
     root, bad = corpus_dir
@@ -210,6 +211,7 @@ def test_every_good_file_coded_as_if_alone_and_bad_ones_reported(codec, referenc
     assert not leftovers
 
 
+@pytest.mark.slow
 def test_rerun_skips_finished_outputs_and_overwrite_redoes_them(codec, corpus_dir, encoded):
     root, bad = corpus_dir
     out, files, _ = encoded
@@ -254,6 +256,7 @@ def test_separate_channels_are_coded_one_stream_each(codec, reference, corpus_di
 
 
 # --------------------------------------------------------------------------- decode
+@pytest.mark.slow
 def test_decode_equals_whole_file_decode_and_refuses_other_models(codec, encoded, tmp_path):
     out, _, _ = encoded
     codes_files = corpus.collect_inputs([str(out)], (".snac",))

@@ -89,6 +89,7 @@ def test_synthetic_default_batches():
 
 
 @pytest.mark.parametrize("num_workers", [0, 2])
+@pytest.mark.slow
 def test_state_restore_gives_identical_next_batches(data_dir, num_workers):
     cfg = _cfg(data_dir, "pipe_tones", crop_seconds=0.25, num_workers=num_workers)
     cfg.sources = [{"kind": "synthetic", "weight": 1.0}] + list(cfg.sources)

@@ -52,6 +52,7 @@ def _assert_parity(module, params, reference, audio):
     return ours
 
 
+@pytest.mark.slow
 def test_mpd_and_mrd_match_dac_discriminator():
     """DAC's own `Discriminator(rates=[], periods, fft_sizes)` at full width: its input
     normalisation, MPD (4000 % 2 == 0: DAC pads a whole period) and the five-band MRD."""
@@ -229,6 +230,7 @@ def test_input_normalisation_removes_gain_and_dc(tiny_setup):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_bf16_compute_with_f32_params(tiny_setup):
     module, variables, audio, objective = tiny_setup
     bf16_module = Discriminator(**TINY, dtype=jnp.bfloat16)

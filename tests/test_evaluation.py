@@ -70,7 +70,7 @@ def numpy_si_sdr(estimate: np.ndarray, reference: np.ndarray) -> float:
 # ------------------------------------------------------------------ spectral metrics
 
 
-@pytest.mark.slow  # three compilations of 7-scale mel graphs: ~15-50 s on 2 shared cores
+@pytest.mark.long  # three compilations of 7-scale mel graphs: ~15-50 s on 2 shared cores
 def test_spectral_metrics_of_a_padded_batch_equal_each_file_alone():
     """Rows of different lengths in one zero-padded batch give each file's own
     `losses.mel_spectrogram_loss`, `multi_resolution_stft_loss` and `si_sdr`."""
@@ -139,6 +139,7 @@ def test_spectral_metrics_reject_clips_shorter_than_the_mel_window():
 # ---------------------------------------------------------------- perceptual metrics
 
 
+@pytest.mark.slow
 def test_perceptual_identity_reaches_the_published_maxima():
     x = speech_like()
     values = E.perceptual_metrics_one(x, x, SR, visqol_mode="speech")
@@ -290,7 +291,7 @@ def test_eval_help_does_not_import_jax():
     assert "--visqol-mode" in out.stdout
 
 
-@pytest.mark.slow  # ~60 s on 2 cores: compiles the tiny codec and the metrics for 3 level counts
+@pytest.mark.long  # ~60 s on 2 cores: compiles the tiny codec and the metrics for 3 level counts
 def test_eval_command_end_to_end_on_the_tiny_preset(tmp_path):
     """Three files of one padded length in a batch of 4 rows: the saved reconstructions are
     those of each file coded alone, the CSVs and summary agree with them, and the report
@@ -352,7 +353,7 @@ def test_eval_command_end_to_end_on_the_tiny_preset(tmp_path):
 
 
 # Enabled: ~40 s on 2 cores (spawns the worker pool, numba-compiles ViSQOL's kernels).
-@pytest.mark.parametrize("enabled", [pytest.param(True, marks=pytest.mark.slow), False])
+@pytest.mark.parametrize("enabled", [pytest.param(True, marks=pytest.mark.long), False])
 def test_trainer_eval_logs_perceptual_metrics_when_enabled(tmp_path, enabled):
     """`logging.eval_perceptual` adds PESQ/STOI/ViSQOL of the eval clips to metrics.jsonl,
     with the values `reconstruction_metrics` gives for the same clips."""

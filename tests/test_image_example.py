@@ -20,7 +20,7 @@ def load_example():
     return module
 
 
-@pytest.mark.slow
+@pytest.mark.long
 def test_image_example_more_levels_cost_more_bits_and_reconstruct_better(tmp_path, capsys):
     pytest.importorskip("skimage")
     example = load_example()

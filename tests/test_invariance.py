@@ -230,6 +230,7 @@ def test_padding_without_lengths_changes_codes(tiny):
     assert unexplained > 0
 
 
+@pytest.mark.slow
 def test_batched_decode_equals_alone_with_and_without_noise(tiny):
     codec, _ = tiny
     c = codec.config
@@ -257,6 +258,7 @@ def test_batched_decode_equals_alone_with_and_without_noise(tiny):
 # ---------------------------------------------------------------------------------------
 # Chunked (long files)
 # ---------------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_chunked_codes_equal_whole_file_codes(tiny):
     codec, model = tiny
     c = codec.config
@@ -277,6 +279,7 @@ def test_chunked_codes_equal_whole_file_codes(tiny):
     assert total <= 0.01 * frames
 
 
+@pytest.mark.slow
 def test_windows_of_many_clips_share_one_batch(tiny):
     """The corpus form: the windows of several clips coded together in one padded batch of
     `window_samples` give each clip its whole-file codes."""
@@ -300,6 +303,7 @@ def test_windows_of_many_clips_share_one_batch(tiny):
                                  margins)[1]
 
 
+@pytest.mark.slow
 def test_chunked_decode_equals_whole_decode(tiny):
     codec, _ = tiny
     c = codec.config
@@ -317,7 +321,7 @@ def test_chunked_decode_equals_whole_decode(tiny):
     assert np.abs(other - chunked).max() > 1e-3
 
 
-@pytest.mark.slow
+@pytest.mark.long
 def test_snac_24khz_batched_and_chunked_codes_equal_whole(tmp_path):
     config = codec_jax.get_preset("snac_24khz")
     model = build_reference(config.to_dict(), seed=1, calib_seconds=1.0)

@@ -179,6 +179,7 @@ def test_mel_loss_zero_for_identical_and_increasing_with_noise():
     assert all(b > a for a, b in zip(values, values[1:])), values
 
 
+@pytest.mark.slow
 def test_mel_loss_matches_dac_mel_spectrogram_loss():
     """DAC's own `MelSpectrogramLoss` with DAC's training config (conf/base.yml: seven
     scales 32..2048, mag_weight 0, pow 1, clamp 1e-5) on 44.1 kHz audio."""

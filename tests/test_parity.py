@@ -15,10 +15,10 @@ from snac_reference import (build_reference, disable_noise, make_signals, refere
                             reference_encode, reference_margins, save_hub_directory)
 
 PRESETS = ["tiny", "snac_24khz", "snac_32khz", "snac_44khz"]
-# Parity with the reference on every published preset is the project's central oracle, so
-# it runs in CI's subset (`-m "not slow"`) although the full presets take minutes on a CPU
-# (6 tests: 13 min at load 5 on the 2-core VM, 2026-12-01).
-PRESET_PARAMS = PRESETS
+# Parity with the reference on every published preset is the project's central oracle: CI
+# runs all of them (its `slow` line); the fast subset keeps the 24 kHz preset (~1 min on 2
+# cores) and leaves out the others (tiny 40 s, 32 kHz 113 s, 44.1 kHz 129 s, 2026-12-02).
+PRESET_PARAMS = [p if p == "snac_24khz" else pytest.param(p, marks=pytest.mark.slow) for p in PRESETS]
 MIN_CODE_AGREEMENT = 0.999
 LATENT_REL_TOL = 1e-4
 DECODE_ABS_TOL = 1e-4

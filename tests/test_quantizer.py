@@ -117,6 +117,7 @@ def test_bitrate_with_per_level_codebook_sizes():
         c24.bitrate(codebook_sizes=(256, 1024))
 
 
+@pytest.mark.slow
 def test_cli_reports_the_bitrate_of_per_level_codebook_sizes(tmp_path, capsys):
     import soundfile as sf
 
@@ -148,6 +149,7 @@ def test_dropout_draws_level_counts_uniformly():
     assert np.all(np.asarray(sample_levels_used(jax.random.key(2), 64, n, 0.0)) == n)
 
 
+@pytest.mark.slow
 def test_dropout_keeps_a_prefix_of_levels_per_example():
     """In training each example's z_q is the sum of its first `levels_used` levels, and the
     losses of the dropped levels are zero; at inference every example uses n_levels."""
@@ -448,7 +450,8 @@ def test_factorized_params_layout_unchanged():
         assert level["codebook"].shape == (TINY.codebook_size, TINY.codebook_dim)
 
 
-@pytest.mark.parametrize("quantizer", [QuantizerConfig(kind="ema", dropout_prob=1.0), FACTORIZED],
+@pytest.mark.parametrize("quantizer", [pytest.param(QuantizerConfig(kind="ema", dropout_prob=1.0),
+                                                   marks=pytest.mark.slow), FACTORIZED],  # ema: 43 s
                          ids=["ema", "factorized"])
 def test_snac_training_call_contract(quantizer):
     # Smaller than the tiny preset (no attention, two blocks) to keep compile time down;

@@ -20,6 +20,7 @@ def load_example():
     return module
 
 
+@pytest.mark.slow
 def test_timeseries_example_runs_and_more_levels_cost_more_bits_and_reconstruct_better(capsys):
     pytest.importorskip("statsmodels")
     results = load_example().main(["--steps", "120"])

@@ -35,6 +35,7 @@ def test_avg_pool_is_a_block_mean_and_upsample_its_right_inverse():
 
 
 @pytest.mark.parametrize("kind", sorted(CONFIGS))
+@pytest.mark.slow
 def test_one_spatial_axis_of_size_one_equals_the_1d_quantizer(kind):
     """[b, 1, t, d] with strides ((1, s), ...) is the 1-D quantizer, training step included
     (EMA update, k-means init, dropout): the same codes, outputs, losses and state."""
@@ -92,6 +93,7 @@ def test_a_coarse_code_sees_only_its_own_block():
     assert changed > 0  # the perturbations are large enough to move codes at all
 
 
+@pytest.mark.slow
 def test_video_latents_and_mismatched_shapes():
     model = ResidualVQ(4, 8, 2, ((2, 4, 4), (1, 2, 2), 1), config=EMA)
     z = jax.random.normal(jax.random.key(0), (2, 4, 8, 8, 4))
@@ -104,6 +106,7 @@ def test_video_latents_and_mismatched_shapes():
         ResidualVQ(4, 8, 2, ((2, 2),), config=EMA).init(jax.random.key(0), z)
 
 
+@pytest.mark.slow
 def test_sharded_2d_ema_update_equals_single_device_update():
     """The batch of images split over 4 fake CPU devices gives the single-device EMA state."""
     env = dict(os.environ, JAX_PLATFORMS="cpu",

@@ -18,7 +18,7 @@ N_DEVICES = 8
 MESHES = {"data": ((8,), ("data",)), "data x fsdp": ((4, 2), ("data", "fsdp"))}
 
 
-@pytest.mark.slow
+@pytest.mark.long
 def test_sharded_ema_update_equals_single_device_update():
     flags = os.environ.get("XLA_FLAGS", "")
     env = dict(os.environ, JAX_PLATFORMS="cpu",

@@ -165,7 +165,7 @@ def worst_leaf_error(a, b, floor: float = 1e-6) -> tuple[float, str]:
 F32_RTOL = 1e-4
 
 
-pytestmark = pytest.mark.slow  # four train-step compilations of the tiny model
+pytestmark = pytest.mark.long  # four train-step compilations of the tiny model
 
 
 @pytest.fixture(scope="module")

@@ -35,6 +35,7 @@ def _clip(rng, batch, n):
     return (0.2 * rng.standard_normal((batch, n, 2))).astype(np.float32)
 
 
+@pytest.mark.slow
 def test_stereo_codes_depend_on_both_channels_jointly(stereo_codec):
     rng = np.random.default_rng(0)
     x = _clip(rng, 2, 8000)
@@ -51,6 +52,7 @@ def test_stereo_codes_depend_on_both_channels_jointly(stereo_codec):
         assert sum(int((a != b).sum()) for a, b in zip(new, codes)) > 0
 
 
+@pytest.mark.slow
 def test_stereo_rows_code_the_same_alone_and_padded_in_a_batch(stereo_codec):
     rng = np.random.default_rng(1)
     x = _clip(rng, 2, 6000)
@@ -60,6 +62,7 @@ def test_stereo_rows_code_the_same_alone_and_padded_in_a_batch(stereo_codec):
         np.testing.assert_array_equal(b[1, :f], a[0, :f])
 
 
+@pytest.mark.slow
 def test_stereo_layout_errors(stereo_codec):
     x = np.zeros((4000, 2), np.float32)
     with pytest.raises(UsageError, match=r"one \[samples, 2\] clip.*audio\[None\]"):
@@ -70,6 +73,7 @@ def test_stereo_layout_errors(stereo_codec):
         stereo_codec.encode(np.zeros((1, 4000, 3), np.float32))
 
 
+@pytest.mark.slow
 def test_stereo_codec_saves_and_loads_with_its_channels(stereo_codec, tmp_path):
     stereo_codec.save(tmp_path / "c")
     assert json.loads((tmp_path / "c" / "config.json").read_text())["audio_channels"] == 2
@@ -111,7 +115,7 @@ def test_crop_keep_mode_gives_channels_and_duplicates_mono():
     np.testing.assert_array_equal(out[:, 0], out[:, 1])
 
 
-@pytest.mark.slow
+@pytest.mark.long
 def test_tiny_stereo_config_trains_and_exports_a_stereo_codec(tmp_path):
     from codec_jax.configs import tiny
     from codec_jax.training.loop import train_and_evaluate

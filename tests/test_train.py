@@ -104,7 +104,7 @@ def assert_trees_equal(a, b):
 # ---------------------------------------------------------------------------------------
 
 
-@pytest.mark.slow
+@pytest.mark.long
 def test_tiny_config_trains_end_to_end(tmp_path, xla_cache, capsys):
     """30 steps of the tiny config on the synthetic pipeline: the mel loss falls well
     below its initial value, every codebook level stays in use, checkpoints, TensorBoard
@@ -226,7 +226,7 @@ def _run_until_sigterm(workdir: Path, cache_dir: str, min_step: int, log_path: P
     return proc
 
 
-@pytest.mark.slow
+@pytest.mark.long
 def test_resume_after_sigterm_is_bitwise_identical(tmp_path, xla_cache):
     """N steps in one run == a run killed by SIGTERM after k < N steps + a resumed run to
     N: identical per-step losses after the resume point and identical final state."""
@@ -270,7 +270,7 @@ def test_resume_after_sigterm_is_bitwise_identical(tmp_path, xla_cache):
 # ---------------------------------------------------------------------------------------
 
 
-@pytest.mark.slow
+@pytest.mark.long
 def test_nan_batch_is_skipped_without_touching_the_state(xla_cache):
     config = tiny_config(xla_cache)
     setup = trainer.create_training_setup(config)
@@ -310,7 +310,7 @@ def test_nan_batch_is_skipped_without_touching_the_state(xla_cache):
         setup.p_train_step(state, short)
 
 
-@pytest.mark.slow
+@pytest.mark.long
 def test_many_nan_batches_stop_the_run(tmp_path, xla_cache, monkeypatch):
     from codec_jax.data import pipeline
 
@@ -356,7 +356,7 @@ def _all_finite(tree) -> bool:
                if np.issubdtype(np.asarray(x).dtype, np.floating))
 
 
-@pytest.mark.slow  # trains the tiny GAN step; >10 GB RSS per process seen on 2026-12-01
+@pytest.mark.long  # trains the tiny GAN step; >10 GB RSS per process seen on 2026-12-01
 def test_nan_in_optimizer_state_is_never_applied_or_saved(tmp_path, xla_cache):
     """A NaN already in Adam's first moment leaves losses and gradients finite but would
     write NaN into the parameters: the step's check of the *new* state drops the update,
@@ -412,7 +412,7 @@ def test_setup_rejects_non_finite_and_out_of_range_hyperparameters(xla_cache):
             trainer.create_training_setup(config)
 
 
-@pytest.mark.slow
+@pytest.mark.long
 @pytest.mark.parametrize("poison", ["nan_learning_rate", "inf_loss_weight"])
 def test_poisoned_hyperparameters_never_reach_the_checkpoints(tmp_path, xla_cache, monkeypatch,
                                                               trained_run, poison, capsys):
@@ -548,7 +548,7 @@ def test_checkpoint_integrity_on_a_small_state(tmp_path, kind, caplog):
     assert_trees_equal(jax.device_get(state), jax.device_get(state_at(3)))
 
 
-@pytest.mark.slow  # trains the tiny GAN step; >10 GB RSS per process seen on 2026-12-01
+@pytest.mark.long  # trains the tiny GAN step; >10 GB RSS per process seen on 2026-12-01
 @pytest.mark.parametrize("kind", DAMAGE_KINDS)
 def test_damaged_checkpoints_are_detected_and_passed_over(tmp_path, trained_run, kind, caplog):
     """Each kind of damage in the newest checkpoint, then also in the middle one: the
@@ -592,7 +592,7 @@ def test_damaged_checkpoints_are_detected_and_passed_over(tmp_path, trained_run,
             assert "differs from the checksum recorded at save" in reports[0]
 
 
-@pytest.mark.slow  # trains the tiny GAN step; >10 GB RSS per process seen on 2026-12-01
+@pytest.mark.long  # trains the tiny GAN step; >10 GB RSS per process seen on 2026-12-01
 def test_damaged_checkpoints_are_replaced_when_the_run_reaches_them(tmp_path, trained_run,
                                                                    xla_cache, capsys):
     """A finished job whose final checkpoint is damaged retrains the last steps and
@@ -634,7 +634,7 @@ def test_damaged_checkpoints_are_replaced_when_the_run_reaches_them(tmp_path, tr
 # ---------------------------------------------------------------------------------------
 
 
-@pytest.mark.slow
+@pytest.mark.long
 def test_finetune_starts_from_imported_snac_generator(tmp_path, xla_cache):
     torch = pytest.importorskip("torch")
     snac = pytest.importorskip("snac")
@@ -815,7 +815,7 @@ def test_help_imports_no_jax(command):
     assert out.stdout.strip().splitlines()[-1] == "NOJAX 0", out.stdout[-500:]
 
 
-@pytest.mark.slow
+@pytest.mark.long
 def test_step_wiring_of_optional_losses_discriminators_and_balancer():
     """Every config branch of the step traces: EnCodec balancer, hinge loss, MS-STFT
     discriminator, MR-STFT and waveform losses, factorized codebooks, bfloat16 compute.
