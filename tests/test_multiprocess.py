@@ -179,8 +179,13 @@ def worker(mode, workdir, report, pid, nproc, port, steps, cache) -> None:
     c.checkpoint.every_steps = 2
     c.checkpoint.keep = 5
     c.data.prefetch = 0
+    from codec_jax.errors import Preempted
+
     try:
         loop.train_and_evaluate(c, workdir)
+    except Preempted as e:  # as `codec-jax train` does: the status asks for a restart
+        print(f"worker: {e}", flush=True)
+        sys.exit(e.exit_code)
     finally:
         Path(report).write_text(json.dumps({
             "process_index": jax.process_index(), "process_count": jax.process_count(),
@@ -195,7 +200,7 @@ def cache(tmp_path_factory):
     return tmp_path_factory.mktemp("xla_cache")
 
 
-@pytest.mark.slow
+@pytest.mark.long
 def test_two_processes_equal_one_and_checkpoints_move_between_group_sizes(tmp_path, cache):
     multi, ref = tmp_path / "multi", tmp_path / "reference"
     procs = launch("train", multi, tmp_path / "multi.json", processes=2, cache=cache)
@@ -234,7 +239,7 @@ def test_two_processes_equal_one_and_checkpoints_move_between_group_sizes(tmp_pa
     assert [r["step"] for r in read_metrics(multi)] == [1, 2, 3, 4, 5]
 
 
-@pytest.mark.slow
+@pytest.mark.long
 def test_sigterm_to_one_process_stops_every_process_at_the_same_step(tmp_path, cache):
     workdir = tmp_path / "run"
     procs = launch("train", workdir, tmp_path / "r.json", processes=2, steps=1000, cache=cache)
