@@ -95,6 +95,8 @@ _WORKER = textwrap.dedent('''
             # values, placed with their own shardings (one init compilation, not three).
             state = setup.init_state()
             initial = jax.device_get(state)
+            np.savez(os.path.join(out_dir, "initial.npz"),
+                     *[np.asarray(x) for x in jax.tree_util.tree_leaves(initial.gen_params)])
         else:
             state = jax.device_put(initial, setup.state_shardings)
         losses = []
@@ -153,7 +155,7 @@ def eight_device_run(tmp_path_factory):
     return json.loads(line[len("RESULT "):]), out
 
 
-@pytest.mark.slow
+@pytest.mark.long
 def test_meshes_give_the_same_losses(eight_device_run):
     """mesh (1), (data=8) and (data=4, fsdp=2): same losses over 3 GAN steps and the same
     generator parameters, up to float32 reduction-order differences."""
@@ -161,17 +163,32 @@ def test_meshes_give_the_same_losses(eight_device_run):
     reference = np.array(result["losses"]["single"])
     assert np.all(np.isfinite(reference))
     for name in ("data8", "data4_fsdp2"):
-        np.testing.assert_allclose(np.array(result["losses"][name]), reference, rtol=2e-4,
-                                   err_msg=name)
-    single = np.load(out / "single.npz")
+        got = np.array(result["losses"][name])
+        # Step 1 starts from the same state: only the reduction order differs (~1e-6,
+        # e.g. generator gradient norm 69.33481 vs 69.33475 on 2026-12-02). A wrong
+        # sharding (a missing all-reduce, a wrong batch split) is off by far more here.
+        np.testing.assert_allclose(got[0], reference[0], rtol=1e-5, err_msg=f"{name} step 1")
+        # Later steps: Adam's first updates (~lr * sign(g)) carry that rounding into the
+        # parameters; losses (columns 0-3) stay within 2e-4, gradient norms (4-5), being
+        # sums of squares of small differences, drift more (2.8e-4 at step 3, seen).
+        np.testing.assert_allclose(got[:, :4], reference[:, :4], rtol=2e-4, err_msg=f"{name} losses")
+        np.testing.assert_allclose(got[:, 4:], reference[:, 4:], rtol=1e-3, err_msg=f"{name} grad norms")
+    # Parameters: compare what the three steps changed. Adam moves a weight whose gradient
+    # is near zero by ~lr * sign(g), so reduction-order rounding can flip a few such
+    # updates (2026-12-02: 73 of 24 576 entries of one leaf off by up to 1.2e-4, with
+    # lr 1e-3). Per leaf, the updates must agree as vectors to 2 % and entry by entry in
+    # 99 % of the entries; a wrong sharding changes the whole update, not a few signs.
+    single, initial = np.load(out / "single.npz"), np.load(out / "initial.npz")
     for name in ("data8", "data4_fsdp2"):
         other = np.load(out / f"{name}.npz")
         for key in single.files:
-            np.testing.assert_allclose(other[key], single[key], rtol=1e-3, atol=1e-5,
-                                       err_msg=f"{name} {key}")
+            want, got = single[key] - initial[key], other[key] - initial[key]
+            err = np.linalg.norm(got - want) / max(np.linalg.norm(want), 1e-12)
+            close = np.isclose(other[key], single[key], rtol=1e-3, atol=1e-5).mean()
+            assert err < 0.02 and close >= 0.99, (name, key, err, close)
 
 
-@pytest.mark.slow
+@pytest.mark.long
 def test_fsdp_shards_parameters_and_optimizer_state(eight_device_run):
     result, _ = eight_device_run
     assert result["fsdp_split"]["gen_params"] > 0
@@ -181,7 +198,7 @@ def test_fsdp_shards_parameters_and_optimizer_state(eight_device_run):
     assert result["data8_split"] == 0  # pure data parallelism replicates
 
 
-@pytest.mark.slow
+@pytest.mark.long
 def test_checkpoint_restores_onto_another_mesh(eight_device_run):
     result, _ = eight_device_run
     restore = result["restore"]
