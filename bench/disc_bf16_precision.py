@@ -19,30 +19,17 @@ inputs (the float32 generator's reconstruction) and the *same* float32 parameter
 from __future__ import annotations
 
 import argparse
+import sys
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 
 
-def small_config(dtype: str):
-    from codec_jax.configs import tiny
-    c = tiny.get_config()
-    c.model.dtype = dtype
-    c.train.batch_size = 2
-    c.data.crop_seconds = 0.12
-    c.discriminator.periods = (2,)
-    c.discriminator.mrd_window_lengths = (256,)
-    return c
-
-
-def audio_batch(num_samples: int) -> jnp.ndarray:
-    t = np.arange(num_samples) / 16000.0
-    chord = 0.3 * np.sin(2 * np.pi * 220 * t) + 0.2 * np.sin(2 * np.pi * 660 * t)
-    chirp = 0.4 * np.sin(2 * np.pi * (300 + 2000 * t) * t)
-    chirp = chirp + 0.02 * np.random.default_rng(0).standard_normal(num_samples)
-    return jnp.asarray(np.stack([chord, chirp]), jnp.float32)
+# The test's own setup (config and audio), so that this measures exactly what it checks.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from test_step_numerics import audio_batch, small_config  # noqa: E402
 
 
 def tree_error(a, b) -> tuple[float, float]:
