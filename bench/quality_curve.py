@@ -175,24 +175,23 @@ def _latest_checkpoint(train_dir: Path) -> int:
     return max(ckpts, default=0)
 
 
-def _reachable_step(train_dir: Path, seconds: float, restart_seconds: float) -> int | None:
-    """The step (rounded down to 100) a restarted trainer reaches in `seconds`, at the
-    median step time of its metrics.jsonl; None before any step time is logged."""
+def _median_step_time(train_dir: Path) -> float | None:
+    """The median of the trainer's logged step times (metrics.jsonl); None before any."""
     path = train_dir / "metrics.jsonl"
-    if not path.exists():
-        return None
     times = []
-    for line in path.read_text().splitlines():
+    for line in path.read_text().splitlines() if path.exists() else []:
         try:
             t = json.loads(line).get("train/perf/step_time_s")
         except json.JSONDecodeError:
             continue
         if t:
             times.append(float(t))
-    reached = _latest_checkpoint(train_dir)
-    if not times or reached == 0:
-        return None
-    step_time = sorted(times)[len(times) // 2]
+    return sorted(times)[len(times) // 2] if times else None
+
+
+def _reachable_step(reached: int, step_time: float, seconds: float, restart_seconds: float) -> int | None:
+    """The step (rounded down to 100) a trainer restarted at `reached` gets to in
+    `seconds`; None if not even 100 steps more."""
     more = int(max(0.0, seconds - restart_seconds) / step_time) // 100 * 100
     return reached + more if more > 0 else None
 
@@ -301,16 +300,19 @@ def run(args) -> int:
 
     base_cfg = _base_config(args.config, args.variant, settings["overrides"])
     audio_seconds_per_step = base_cfg.train.batch_size * base_cfg.data.crop_seconds
-    if args.fit_last_step and deadline is not None:
+    step_time = _median_step_time(train_dir) if args.fit_last_step and deadline is not None else None
+    reached = _latest_checkpoint(train_dir)
+    if step_time is not None and reached > 0:
         seconds = deadline - time.monotonic() - args.eval_reserve_minutes * 60
-        reachable = _reachable_step(train_dir, seconds, args.restart_seconds)
+        reachable = _reachable_step(reached, step_time, seconds, args.restart_seconds)
         # Each listed step before it costs an evaluation and a trainer restart on the way.
         for _ in range(3):
             if reachable is None:
                 break
             before = [s for s in steps if s not in done and s < reachable]
             reachable = _reachable_step(
-                train_dir, seconds - len(before) * (args.eval_reserve_minutes * 60 + args.restart_seconds),
+                reached, step_time,
+                seconds - len(before) * (args.eval_reserve_minutes * 60 + args.restart_seconds),
                 args.restart_seconds)
         if reachable is not None and not any(s in done for s in steps if s >= reachable):
             # The last call's training after the last listed step would otherwise end in a
