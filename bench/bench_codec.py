@@ -47,7 +47,7 @@ def _variables(config):
     return _VARIABLES[config]
 
 
-def bench_jax(config, batch, seconds, dtype, repeats, with_lengths=False):
+def bench_jax(config, batch, seconds, dtype, repeats, with_lengths=False, rows_per_call="auto"):
     """`with_lengths`: pass per-row valid lengths (rows of 100 % down to ~50 % of the width), so
     the model masks beyond each row's end (batch-invariant codes); the cost of that masking
     is this row's time against the plain `jax` row."""
@@ -68,12 +68,13 @@ def bench_jax(config, batch, seconds, dtype, repeats, with_lengths=False):
     results = {}
     for name, fn, arg in (
         ("encode", lambda a: codec_jax.encode(variables, a, config=config, dtype=dtype,
-                                              lengths=lengths), audio),
+                                              lengths=lengths, rows_per_call=rows_per_call), audio),
         ("decode", lambda c: codec_jax.decode(variables, c, config=config, dtype=dtype,
-                                              lengths=lengths), codes),
+                                              lengths=lengths, rows_per_call=rows_per_call), codes),
     ):
         jit_fn = codec_jax.encode if name == "encode" else codec_jax.decode
-        lowered = jit_fn.lower(variables, arg, config=config, dtype=dtype, lengths=lengths)
+        lowered = jit_fn.lower(variables, arg, config=config, dtype=dtype, lengths=lengths,
+                               rows_per_call=rows_per_call)
         t0 = time.perf_counter()
         compiled = lowered.compile()
         mem = compiled.memory_analysis()
@@ -153,10 +154,12 @@ def bench_torch(config, batches, seconds, dtype, repeats, compile_):
             yield batch, results, batch * samples / config.sampling_rate
 
 
-def bench_jax_batches(config, batches, seconds, dtype, repeats, with_lengths=False):
+def bench_jax_batches(config, batches, seconds, dtype, repeats, with_lengths=False,
+                      rows_per_call="auto"):
     for batch in batches:
         try:
-            results, audio_s = bench_jax(config, batch, seconds, dtype, repeats, with_lengths)
+            results, audio_s = bench_jax(config, batch, seconds, dtype, repeats, with_lengths,
+                                         rows_per_call)
         except Exception as e:
             yield batch, e, None
         else:
@@ -172,7 +175,20 @@ def main():
     p.add_argument("--seconds", type=float, default=10.0)
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--out", default="bench_codec.jsonl")
+    p.add_argument("--layers", nargs="*", default=[], metavar="KEY=VALUE",
+                   help="codec_jax lowering choices, codec_jax.nn.layers.IMPL (e.g. snake_sine=jnp "
+                        "conv_transpose=xla pointwise=conv: the code before issue 16)")
+    p.add_argument("--rows-per-call", default="auto",
+                   help="codec_jax rows coded at once: auto, all or a number (issue 16)")
     args = p.parse_args()
+    rows_per_call = {"auto": "auto", "all": None}.get(args.rows_per_call) or int(args.rows_per_call)
+    from codec_jax.nn import layers
+
+    for item in args.layers:
+        key, _, value = item.partition("=")
+        if key not in layers.IMPL:
+            raise SystemExit(f"--layers: unknown key {key!r}; known: {sorted(layers.IMPL)}")
+        layers.IMPL[key] = {"true": True, "false": False}.get(value.lower(), value)
 
     from codec_jax import get_preset
 
@@ -186,7 +202,8 @@ def main():
             for dtype in args.dtypes:
                 if impl in ("jax", "jax_lengths"):  # jax_lengths: per-row valid lengths (masked)
                     runs = bench_jax_batches(config, args.batches, args.seconds, dtype, args.repeats,
-                                             with_lengths=impl == "jax_lengths")
+                                             with_lengths=impl == "jax_lengths",
+                                             rows_per_call=rows_per_call)
                 else:
                     runs = bench_torch(config, args.batches, args.seconds, dtype, args.repeats,
                                        compile_=impl == "torch_compile")
@@ -198,12 +215,16 @@ def main():
                     else:
                         row = dict(preset=preset, impl=impl, dtype=dtype, batch=batch, device=device,
                                    audio_seconds=audio_s,
+                                   rows_per_call=args.rows_per_call if impl.startswith("jax") else None,
+                                   layers=dict(layers.IMPL) if impl.startswith("jax") else None,
+                                   date=time.strftime("%Y-%m-%d", time.gmtime()),
                                    **{f"{k}_{m}": v for k, r in res.items() for m, v in r.items()})
                         row["encode_xrt"] = audio_s / res["encode"]["seconds"]
                         row["decode_xrt"] = audio_s / res["decode"]["seconds"]
                         print(f"{preset} {impl} {dtype} b{batch}: encode {row['encode_xrt']:.0f}x "
                               f"decode {row['decode_xrt']:.0f}x first {res['encode']['first_call']:.1f}/"
-                              f"{res['decode']['first_call']:.1f}s", flush=True)
+                              f"{res['decode']['first_call']:.1f}s peak {res['encode']['peak_gb']}/"
+                              f"{res['decode']['peak_gb']} GB", flush=True)
                     rows.append(row)
                     with open(args.out, "a") as f:
                         f.write(json.dumps(row) + "\n")

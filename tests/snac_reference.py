@@ -162,3 +162,24 @@ def reference_margins(model: TorchSNAC, audio: np.ndarray) -> list[np.ndarray]:
         two = dist.topk(2, dim=-1, largest=False).values
         margins.append((two[..., 1] - two[..., 0]).numpy())
     return margins
+
+
+def code_disagreements(config, got, want, margins, bound: float):
+    """Compare one clip's codes (lists per level of `[frames]`). -> (number of differing codes,
+    list of the unexplained ones as (level, frame, margin)): a difference is explained if the
+    reference's margin there is below `bound`, or if a coarser level already differs over the
+    same latent frames (the residual this level quantizes is then another one)."""
+    latent = want[-1].shape[0] * config.vq_strides[len(want) - 1]
+    upstream = np.zeros(latent, bool)  # latent frames under a differing coarser code
+    count, unexplained = 0, []
+    for level, (g, w, m) in enumerate(zip(got, want, margins)):
+        g, w, m = np.asarray(g), np.asarray(w), np.asarray(m).reshape(-1)
+        assert g.shape == w.shape, (level, g.shape, w.shape)
+        s = config.vq_strides[level]
+        differ = g != w
+        inherited = upstream.reshape(-1, s).any(axis=1)
+        for frame in np.nonzero(differ & ~inherited & ~(m < bound))[0]:
+            unexplained.append((level, int(frame), float(m[frame])))
+        count += int(differ.sum())
+        upstream |= np.repeat(differ, s)
+    return count, unexplained

@@ -22,7 +22,8 @@ import codec_jax
 from codec_jax import chunking
 from codec_jax.data.synthetic import signal_at
 from codec_jax.nn.snac import SNAC
-from snac_reference import build_reference, make_signals, reference_margins, save_hub_directory
+from snac_reference import (build_reference, code_disagreements, make_signals, reference_margins,
+                            save_hub_directory)
 
 # Margin (squared distance between unit vectors, in [0, 4]) below which a frame is a near-tie.
 # The disagreements seen are ~1e-7 (a float32 ulp of the distances); typical margins ~1e-3.
@@ -48,24 +49,8 @@ def clip(seed: int, index: int, length: int, sample_rate: int) -> np.ndarray:
 
 
 def disagreements(config, got, want, margins, bound=NEAR_TIE):
-    """Compare one clip's codes (lists per level of `[frames]`). -> (number of differing codes,
-    list of the unexplained ones as (level, frame, margin)): a difference is explained if the
-    reference's margin there is below `bound`, or if a coarser level already differs over the
-    same latent frames (the residual this level quantizes is then another one)."""
-    latent = want[-1].shape[0] * config.vq_strides[len(want) - 1]
-    upstream = np.zeros(latent, bool)  # latent frames under a differing coarser code
-    count, unexplained = 0, []
-    for level, (g, w, m) in enumerate(zip(got, want, margins)):
-        g, w, m = np.asarray(g), np.asarray(w), np.asarray(m).reshape(-1)
-        assert g.shape == w.shape, (level, g.shape, w.shape)
-        s = config.vq_strides[level]
-        differ = g != w
-        inherited = upstream.reshape(-1, s).any(axis=1)
-        for frame in np.nonzero(differ & ~inherited & ~(m < bound))[0]:
-            unexplained.append((level, int(frame), float(m[frame])))
-        count += int(differ.sum())
-        upstream |= np.repeat(differ, s)
-    return count, unexplained
+    """`snac_reference.code_disagreements` with this module's near-tie bound."""
+    return code_disagreements(config, got, want, margins, bound)
 
 
 def alone(codec, x: np.ndarray) -> list[np.ndarray]:
@@ -228,6 +213,38 @@ def test_padding_without_lengths_changes_codes(tiny):
         margins = [m[0] for m in reference_margins(model, x[None])]
         unexplained += len(disagreements(c, got, alone(codec, x), margins)[1])
     assert unexplained > 0
+
+
+def test_rows_per_call_leaves_codes_and_audio_unchanged(tiny):
+    """Coding 2 rows per pass (the last pass padded with a zero row) equals coding all 5 at
+    once, with per-row lengths and, decoding, with noise (positional, so independent of
+    the pass). Codes may differ only at near-ties: the two programs have other shapes."""
+    codec, model = tiny
+    c = codec.config
+    width = c.pad_multiple * TINY_WIDTH_UNITS
+    lengths = [width, width - 700, 300, width, 2100]
+    clips = [clip(5, i, n, c.sampling_rate) for i, n in enumerate(lengths)]
+    batch = np.zeros((5, width), np.float32)
+    for row, x in enumerate(clips):
+        batch[row, : len(x)] = x
+    whole = [np.asarray(x) for x in codec_jax.encode(codec.variables, batch, config=c,
+                                                     lengths=np.array(lengths), rows_per_call=None)]
+    parts = [np.asarray(x) for x in codec_jax.encode(codec.variables, batch, config=c,
+                                                     lengths=np.array(lengths), rows_per_call=2)]
+    assert len(np.unique(whole[-1])) > 10  # codes that vary frame to frame
+    for row, x in enumerate(clips):
+        frames = c.num_frames(len(x))
+        margins = [m[0] for m in reference_margins(model, x[None])]
+        got = [p[row, :f] for p, f in zip(parts, frames)]
+        want = [w[row, :f] for w, f in zip(whole, frames)]
+        assert not disagreements(c, got, want, margins)[1], row
+        assert all(np.all(p[row, f:] == 0) for p, f in zip(parts, frames))
+    for key in (None, jax.random.key(3)):
+        one, two = (np.asarray(codec_jax.decode(codec.variables, whole, config=c, rng=key,
+                                                lengths=np.array(lengths), rows_per_call=r))
+                    for r in (None, 2))
+        assert one.shape == two.shape == (5, width)
+        np.testing.assert_allclose(two, one, atol=DECODE_TOL, rtol=0)
 
 
 @pytest.mark.slow

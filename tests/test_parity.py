@@ -11,15 +11,20 @@ import numpy as np
 import pytest
 
 import codec_jax
-from snac_reference import (build_reference, disable_noise, make_signals, reference_decode,
-                            reference_encode, reference_margins, save_hub_directory)
+from snac_reference import (build_reference, code_disagreements, disable_noise, make_signals,
+                            reference_decode, reference_encode, reference_margins,
+                            save_hub_directory)
 
 PRESETS = ["tiny", "snac_24khz", "snac_32khz", "snac_44khz"]
 # Parity with the reference on every published preset is the project's central oracle: CI
 # runs all of them (its `slow` line); the fast subset keeps the 24 kHz preset (~1 min on 2
 # cores) and leaves out the others (tiny 40 s, 32 kHz 113 s, 44.1 kHz 129 s, 2026-12-02).
 PRESET_PARAMS = [p if p == "snac_24khz" else pytest.param(p, marks=pytest.mark.slow) for p in PRESETS]
-MIN_CODE_AGREEMENT = 0.999
+# Share of equal codes per level over the 9 clips (168-1344 frames a level). One near-tie at
+# 32 kHz level 2 (margin 1.2e-7, a float32 ulp) and the two level-3 codes under it are
+# 0.15 % of those levels; every disagreement is also checked to be a near-tie or to lie
+# under a differing coarser code (`code_disagreements`), which a real error fails.
+MIN_CODE_AGREEMENT = 0.995
 LATENT_REL_TOL = 1e-4
 DECODE_ABS_TOL = 1e-4
 # Float32 rounding differs between XLA and ATen kernels (~1e-6 relative in the latents), so a
@@ -64,14 +69,18 @@ def test_encode_decode_parity(reference):
             assert latent_rel < LATENT_REL_TOL, where
             assert [c.shape for c in codes] == [c.shape for c in codes_ref]
             margins = reference_margins(model, audio)
-            for level, (ours, ref, margin) in enumerate(zip(codes, codes_ref, margins)):
-                differ = ours != ref
-                matches[level] += np.sum(~differ)
+            for level, (ours, ref) in enumerate(zip(codes, codes_ref)):
+                matches[level] += np.sum(ours == ref)
                 frames[level] += ref.size
-                # Every disagreement must be a near-tie in the reference's own distances.
-                assert np.all(margin[differ] < NEAR_TIE), (level, margin[differ], where)
                 # The oracle must be strong: codes vary from frame to frame at every level.
                 assert len(np.unique(ref)) >= min(0.3 * ref.size, 8), (level, np.unique(ref).size, where)
+            # Every disagreement must be a near-tie in the reference's own distances, or lie
+            # under a coarser code that differs (that level then quantizes another residual).
+            for row in range(audio.shape[0]):
+                _, bad = code_disagreements(config, [c[row] for c in codes],
+                                            [c[row] for c in codes_ref],
+                                            [m[row] for m in margins], NEAR_TIE)
+                assert not bad, (row, bad, where)
             # Decode from the *same* codes on both sides, noise off.
             ours = np.asarray(codec.decode(codes_ref))
             ref = reference_decode(model, codes_ref)

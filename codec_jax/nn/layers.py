@@ -19,6 +19,19 @@ from flax import linen as nn
 Dtype = Any
 Array = jax.Array
 
+# How some layers are lowered; every choice computes the same function (tests/test_layers.py
+# checks each against the other). Read when a function is traced, so a change needs
+# `jax.clear_caches()`. The defaults are the fastest measured (BENCHMARKS §1b):
+# - "conv_transpose": "polyphase" (`polyphase_conv_transpose`: one ordinary conv with
+#   `stride*out` channels) or "xla" (XLA's conv over the stride-dilated input, which the
+#   GPU runs as cuDNN's backward-data conv and autotunes for minutes at float32 batch 64);
+# - "pointwise": 1x1 convs as "dot" (a matmul) or "conv";
+# - "elementwise_f32": Snake and the depthwise taps computed in float32 for bfloat16
+#   activations (see `_elementwise_dtype`);
+# - "snake_sine": Snake's sin^2 as "polynomial" (`sin_squared`) or "jnp" (`jnp.sin`).
+IMPL = {"conv_transpose": "polyphase", "pointwise": "dot", "elementwise_f32": True,
+        "snake_sine": "polynomial"}
+
 
 def torch_uniform_init(fan_in: int):
     """PyTorch's default Conv/Linear init: U(-1/sqrt(fan_in), 1/sqrt(fan_in)).
@@ -120,11 +133,15 @@ class WNConv1d(nn.Module):
         kernel = weight_normed_kernel(
             self, (self.kernel_size, in_features // self.groups, self.features), fan_in,
             norm_axes=(0, 1), mag_axis=2, param_dtype=self.param_dtype).astype(self.dtype)
+        x = x.astype(self.dtype)
         if self.groups == in_features == self.features and self.stride == 1:
-            y = _depthwise_conv(x.astype(self.dtype), kernel[:, 0, :], self.padding, self.dilation)
+            y = _depthwise_conv(x, kernel[:, 0, :], self.padding, self.dilation)
+        elif (self.kernel_size == 1 and self.stride == 1 and self.groups == 1 and self.padding == 0
+              and IMPL["pointwise"] == "dot"):
+            y = jnp.einsum("bti,io->bto", x, kernel[0], precision=self.precision)
         else:
             y = jax.lax.conv_general_dilated(
-                x.astype(self.dtype),
+                x,
                 kernel,
                 window_strides=(self.stride,),
                 padding=[(self.padding, self.padding)],
@@ -147,12 +164,64 @@ def _depthwise_conv(x: Array, kernel: Array, padding: int, dilation: int) -> Arr
     while this form fuses (with the Snake around it) into one memory-bound pass.
     """
     taps = kernel.shape[0]
-    x = jnp.pad(x, ((0, 0), (padding, padding), (0, 0)))
+    dtype = x.dtype
+    compute = _elementwise_dtype(dtype)
+    x = jnp.pad(x, ((0, 0), (padding, padding), (0, 0))).astype(compute)
+    kernel = kernel.astype(compute)
     out_len = x.shape[1] - dilation * (taps - 1)
     y = x[:, :out_len] * kernel[0]
     for j in range(1, taps):
         y = y + x[:, j * dilation: j * dilation + out_len] * kernel[j]
-    return y
+    return y.astype(dtype)
+
+
+def _elementwise_dtype(dtype: Dtype) -> Dtype:
+    """The dtype that fused elementwise chains (Snake, the depthwise taps) compute in.
+
+    float32 for bfloat16 activations: memory traffic stays bfloat16, while each op in
+    bfloat16 would be widened, computed and rounded back on its own (GPUs have no bf16 sin,
+    and XLA keeps every intermediate rounding), which made these fusions compute-bound at
+    a quarter of the memory bandwidth on an H200 (BENCHMARKS §1b). One rounding at the end
+    is also closer to the float32 model."""
+    return jnp.promote_types(dtype, jnp.float32) if IMPL["elementwise_f32"] else dtype
+
+
+def snake(x: Array, alpha: Array, dtype: Dtype) -> Array:
+    """Snake `x + sin(alpha*x)^2 / alpha` on x `[..., channels]`, alpha `[channels]`, result in `dtype`."""
+    compute = _elementwise_dtype(dtype)
+    alpha = alpha.astype(dtype).astype(compute)
+    x = x.astype(dtype).astype(compute)
+    u = alpha * x
+    sin2 = sin_squared(u) if IMPL["snake_sine"] == "polynomial" else jnp.square(jnp.sin(u))
+    # 1e-9 as in SNAC/DAC: keeps a zero alpha finite without changing trained models.
+    return (x + jnp.reciprocal(alpha + 1e-9) * sin2).astype(dtype)
+
+
+# pi as a sum of three float32 constants (Cody-Waite): k*pi is then exact enough that the
+# reduced argument keeps float32 accuracy for |u| up to ~1e4 (k < 2^12).
+_PI_HI = 3.140625
+_PI_MID = 9.67502593994140625e-4
+_PI_LO = 1.509957990978376e-07
+# Taylor coefficients of sin(r)/r - 1 in r^2, degree 11: truncation error < 6e-8 on |r| <= pi/2.
+_SIN_COEFFS = (-1.0 / 6, 1.0 / 120, -1.0 / 5040, 1.0 / 362880, -1.0 / 39916800)
+
+
+def sin_squared(u: Array) -> Array:
+    """sin(u)^2 for float32 u, to within ~3e-7 of the exact value for |u| < 1e3.
+
+    Squaring removes the sign of sin, so one reduction by multiples of pi (not 2*pi, and no
+    quadrant logic) and an odd polynomial on [-pi/2, pi/2] suffice: a dozen multiply-adds
+    against the general `sin`, whose range reduction for any float made Snake the
+    arithmetic bottleneck of the codec's fused elementwise passes (BENCHMARKS §1b).
+    NaN and inf give NaN, as `jnp.sin` does."""
+    k = jnp.round(u * (1.0 / math.pi))
+    r = ((u - k * _PI_HI) - k * _PI_MID) - k * _PI_LO
+    r2 = r * r
+    p = _SIN_COEFFS[-1]
+    for c in _SIN_COEFFS[-2::-1]:
+        p = p * r2 + c
+    s = r + r * r2 * p
+    return s * s
 
 
 class WNConvTranspose1d(nn.Module):
@@ -187,28 +256,67 @@ class WNConvTranspose1d(nn.Module):
         w = weight_normed_kernel(self, (self.kernel_size, in_features, self.features // g), fan_in,
                                  norm_axes=(0, 2), mag_axis=1,
                                  param_dtype=self.param_dtype)  # [k, in, out/g]
-        # A transposed conv is a conv over the stride-dilated input with the kernel flipped in
-        # time and in/out swapped per group: kernel[k', i, g*out_g + j] = w[K-1-k', g*in_g + i, j].
-        k = self.kernel_size
-        in_g = in_features // g
-        w = w[::-1].reshape(k, g, in_g, self.features // g)
-        w = jnp.transpose(w, (0, 2, 1, 3)).reshape(k, in_g, self.features)
-        edge = self.dilation * (k - 1) - self.padding
-        y = jax.lax.conv_general_dilated(
-            x.astype(self.dtype),
-            w.astype(self.dtype),
-            window_strides=(1,),
-            padding=[(edge, edge + self.output_padding)],
-            lhs_dilation=(self.stride,),
-            rhs_dilation=(self.dilation,),
-            dimension_numbers=("NWC", "WIO", "NWC"),
-            feature_group_count=g,
-            precision=self.precision,
-        )
+        if g == 1 and self.dilation == 1 and IMPL["conv_transpose"] == "polyphase":
+            y = polyphase_conv_transpose(x.astype(self.dtype), w.astype(self.dtype), self.stride,
+                                         self.padding, self.output_padding, self.precision)
+        else:
+            y = _dilated_conv_transpose(x.astype(self.dtype), w.astype(self.dtype), self.stride,
+                                        self.padding, self.output_padding, self.dilation, g,
+                                        self.precision)
         if self.use_bias:
             bias = self.param("bias", torch_uniform_init(fan_in), (self.features,), self.param_dtype)
             y = y + bias.astype(self.dtype)
         return y
+
+
+def _dilated_conv_transpose(x: Array, w: Array, stride: int, padding: int, output_padding: int,
+                            dilation: int, groups: int, precision: Any) -> Array:
+    """PyTorch's `conv_transpose1d` as XLA's conv over the stride-dilated input.
+
+    x `[batch, time, in]`, w `[kernel, in, out/groups]` -> `[batch, time', out]`. The kernel is
+    flipped in time and in/out swapped per group: kernel[k', i, g*out_g + j] = w[K-1-k', g*in_g + i, j].
+    """
+    k, in_features, out_g = w.shape
+    in_g = in_features // groups
+    w = w[::-1].reshape(k, groups, in_g, out_g)
+    w = jnp.transpose(w, (0, 2, 1, 3)).reshape(k, in_g, groups * out_g)
+    edge = dilation * (k - 1) - padding
+    return jax.lax.conv_general_dilated(
+        x, w, window_strides=(1,), padding=[(edge, edge + output_padding)],
+        lhs_dilation=(stride,), rhs_dilation=(dilation,),
+        dimension_numbers=("NWC", "WIO", "NWC"), feature_group_count=groups, precision=precision)
+
+
+def polyphase_conv_transpose(x: Array, w: Array, stride: int, padding: int, output_padding: int,
+                             precision: Any = None) -> Array:
+    """PyTorch's `conv_transpose1d` (groups 1, dilation 1) as one ordinary convolution.
+
+    x `[batch, time, in]`, w `[kernel, in, out]` -> `[batch, L, out]` with
+    `L = (time-1)*stride - 2*padding + kernel + output_padding`.
+
+    Uncropped output step `n = q*stride + r` sees only inputs `x[q - j]`, through kernel tap
+    `r + j*stride` (j < J = ceil(kernel/stride)). So all `stride` phases of step q come out
+    of one J-tap conv with `stride*out` output channels, reshaped to time: the transposed
+    conv's own FLOP count, in the form GPUs and CPUs run best (a dense conv with many
+    channels), instead of a conv over an input made of mostly inserted zeros. The first
+    `padding` steps are then cropped.
+    """
+    kernel, cin, cout = w.shape
+    time = x.shape[1]
+    taps = -(-kernel // stride)
+    length = (time - 1) * stride - 2 * padding + kernel + output_padding
+    w = jnp.pad(w, ((0, taps * stride - kernel), (0, 0), (0, 0)))
+    # kern[t, i, r*out + o] = w[r + (J-1-t)*stride, i, o]: tap t of the conv reads x[q - (J-1-t)].
+    kern = jnp.transpose(w.reshape(taps, stride, cin, cout)[::-1], (0, 2, 1, 3))
+    z = jax.lax.conv_general_dilated(
+        x, kern.reshape(taps, cin, stride * cout), window_strides=(1,),
+        padding=[(taps - 1, taps - 1)], dimension_numbers=("NWC", "WIO", "NWC"),
+        precision=precision)  # [batch, time + J - 1, stride*out]
+    full = z.reshape(x.shape[0], (time + taps - 1) * stride, cout)
+    short = padding + length - full.shape[1]  # only when output_padding reaches past the end
+    if short > 0:
+        full = jnp.pad(full, ((0, 0), (0, short), (0, 0)))
+    return full[:, padding:padding + length]
 
 
 class Snake(nn.Module):
@@ -220,10 +328,7 @@ class Snake(nn.Module):
     @nn.compact
     def __call__(self, x: Array) -> Array:
         alpha = self.param("alpha", nn.initializers.ones, (x.shape[-1],), self.param_dtype)
-        alpha = alpha.astype(self.dtype)
-        x = x.astype(self.dtype)
-        # 1e-9 as in SNAC/DAC: keeps a zero alpha finite without changing trained models.
-        return x + jnp.reciprocal(alpha + 1e-9) * jnp.square(jnp.sin(alpha * x))
+        return snake(x, alpha, self.dtype)
 
 
 class ResidualUnit(nn.Module):

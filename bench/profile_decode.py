@@ -1,0 +1,167 @@
+"""Where decode time and memory go, and what each lowering choice buys (issue 16).
+
+For one preset, batch, clip length and dtype it compiles `codec_jax.decode` once per
+variant, in one process on one device, and reports the first call (compilation included),
+the compiled program's peak memory (XLA's memory analysis: arguments + outputs +
+temporaries) and x real time (median of --repeats runs). A variant is
+`CONV_TRANSPOSE/POINTWISE/ROWS[/autotune=N]`:
+
+- CONV_TRANSPOSE: how the decoder's upsampling convs are lowered
+  (`codec_jax.nn.layers.IMPL["conv_transpose"]`): `xla` or `polyphase`;
+- POINTWISE: the 1x1 convs as `conv` or `dot`; `dot+bf16ew` (or `conv+bf16ew`) computes Snake and the depthwise taps in the
+  activation dtype op by op (the code before issue 16) instead of float32; `+jnpsin`
+  computes Snake's sin^2 with `jnp.sin` instead of `layers.sin_squared`;
+- ROWS: `rows_per_call` of `codec_jax.decode`: `all`, `auto` or a number;
+- autotune=N: XLA's `xla_gpu_autotune_level` for this compilation only (default: XLA's).
+
+`--trace VARIANT` also records one run of that variant with the JAX profiler and prints the
+device time per XLA operation (from the Perfetto trace), the longest first.
+
+  python bench/profile_decode.py --preset snac_32khz --batch 64 --dtype bfloat16 \
+      --variants xla/conv/all polyphase/conv/all polyphase/dot/auto --trace xla/conv/all
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import glob
+import gzip
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+
+
+def parse_variant(text: str) -> dict:
+    parts = text.split("/")
+    if len(parts) not in (3, 4):
+        raise SystemExit(f"variant {text!r}: want CONV_TRANSPOSE/POINTWISE/ROWS[/autotune=N]")
+    rows = None if parts[2] == "all" else ("auto" if parts[2] == "auto" else int(parts[2]))
+    options = {}
+    if len(parts) == 4:
+        key, _, value = parts[3].partition("=")
+        if key != "autotune":
+            raise SystemExit(f"variant {text!r}: the 4th part is autotune=N")
+        options["xla_gpu_autotune_level"] = int(value)
+    flags = parts[1].split("+")
+    pointwise, bf16_elementwise, jnp_sine = flags[0], "bf16ew" in flags, "jnpsin" in flags
+    return dict(name=text, conv_transpose=parts[0], pointwise=pointwise,
+                elementwise_f32=not bf16_elementwise,
+                snake_sine="jnp" if jnp_sine else "polynomial", rows=rows, options=options)
+
+
+def device_time_by_op(trace_dir: str, top: int) -> list[tuple[str, float, int]]:
+    """(op name, total device milliseconds, calls) from a Perfetto trace, longest first.
+
+    Device events are those of processes whose name mentions a GPU/TPU device; the op is
+    the event's `hlo_op` argument where there is one (XLA's name), else the kernel name."""
+    files = glob.glob(os.path.join(trace_dir, "**", "perfetto_trace.json.gz"), recursive=True)
+    if not files:
+        print(f"no perfetto trace under {trace_dir}")
+        return []
+    with gzip.open(files[0], "rt") as f:
+        trace = json.load(f)
+    events = trace["traceEvents"] if isinstance(trace, dict) else trace
+    device_pids = {e["pid"] for e in events if e.get("ph") == "M" and e.get("name") == "process_name"
+                   and any(k in str(e.get("args", {}).get("name", "")) for k in ("GPU", "TPU", "gpu"))}
+    if not device_pids:
+        names = [e.get("args", {}).get("name") for e in events
+                 if e.get("ph") == "M" and e.get("name") == "process_name"]
+        print(f"no device process in the trace; processes: {names[:12]}")
+    total = collections.defaultdict(float)
+    calls = collections.Counter()
+    for e in events:
+        if e.get("ph") != "X" or e.get("pid") not in device_pids:
+            continue
+        args = e.get("args", {})
+        name = args.get("hlo_op") or args.get("long_name") or e.get("name", "?")
+        total[name] += float(e.get("dur", 0)) / 1000.0
+        calls[name] += 1
+    rows = sorted(((n, ms, calls[n]) for n, ms in total.items()), key=lambda r: -r[1])
+    return rows[:top] if top else rows
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("--preset", default="snac_32khz")
+    p.add_argument("--batch", type=int, default=64)
+    p.add_argument("--seconds", type=float, default=10.0)
+    p.add_argument("--dtype", default="bfloat16")
+    p.add_argument("--variants", nargs="+", default=["xla/conv/all", "polyphase/conv/all"])
+    p.add_argument("--trace", nargs="*", default=[])
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--top", type=int, default=25)
+    p.add_argument("--hlo-dir", default=None, help="write each traced variant's optimized HLO here")
+    p.add_argument("--out", default="profile_decode.jsonl")
+    args = p.parse_args()
+
+    import jax
+    import jax.numpy as jnp
+
+    import codec_jax
+    from codec_jax.nn import layers
+
+    config = codec_jax.get_preset(args.preset)
+    variables = codec_jax.init_variables(config, 0)
+    samples = config.padded_length(int(args.seconds * config.sampling_rate))
+    codes = [jax.random.randint(jax.random.key(2 + i), (args.batch, f), 0, config.codebook_size,
+                                jnp.int32) for i, f in enumerate(config.frames_per_level(samples))]
+    audio_s = args.batch * samples / config.sampling_rate
+    device = jax.devices()[0].device_kind
+    reference = None
+    for text in args.variants:
+        v = parse_variant(text)
+        layers.IMPL.update(conv_transpose=v["conv_transpose"], pointwise=v["pointwise"],
+                           elementwise_f32=v["elementwise_f32"], snake_sine=v["snake_sine"])
+        jax.clear_caches()  # IMPL is read at trace time
+        t0 = time.perf_counter()
+        lowered = codec_jax.decode.lower(variables, codes, config=config, dtype=args.dtype,
+                                         rows_per_call=v["rows"])
+        compiled = lowered.compile(compiler_options=v["options"] or None)
+        out = jax.block_until_ready(compiled(variables, codes))
+        first = time.perf_counter() - t0
+        mem = compiled.memory_analysis()
+        peak = (mem.temp_size_in_bytes + mem.argument_size_in_bytes + mem.output_size_in_bytes
+                - mem.alias_size_in_bytes) / 1e9 if mem is not None else None
+        times = []
+        for _ in range(args.repeats):
+            t = time.perf_counter()
+            jax.block_until_ready(compiled(variables, codes))
+            times.append(time.perf_counter() - t)
+        med = statistics.median(times)
+        if reference is None:
+            reference = out
+        diff = float(jnp.abs(out - reference).max())
+        row = dict(variant=text, preset=args.preset, batch=args.batch, seconds=args.seconds,
+                   dtype=args.dtype, device=device, first_call_s=round(first, 2),
+                   peak_gb=None if peak is None else round(peak, 2), median_s=med,
+                   min_s=min(times), max_s=max(times), xrt=round(audio_s / med, 1),
+                   max_abs_diff_vs_first_variant=diff,
+                   date=time.strftime("%Y-%m-%d", time.gmtime()))
+        print(json.dumps(row), flush=True)
+        with open(args.out, "a") as f:
+            f.write(json.dumps(row) + "\n")
+        if text in args.trace:
+            if args.hlo_dir:
+                os.makedirs(args.hlo_dir, exist_ok=True)
+                name = text.replace("/", "_").replace("=", "")
+                with gzip.open(os.path.join(args.hlo_dir, f"{name}.hlo.txt.gz"), "wt") as f:
+                    f.write(compiled.as_text())
+            with tempfile.TemporaryDirectory() as d:
+                with jax.profiler.trace(d, create_perfetto_trace=True):
+                    for _ in range(2):
+                        jax.block_until_ready(compiled(variables, codes))
+                ops = device_time_by_op(d, 0)
+            whole = sum(ms for _, ms, _ in ops)
+            print(f"--- device time by op, {text}, 2 runs ({whole:.1f} ms in all):")
+            for name, ms, n in ops[:args.top]:
+                print(f"{ms:9.2f} ms {100 * ms / max(whole, 1e-9):5.1f} % x{n:<4d} {name[:150]}")
+
+
+if __name__ == "__main__":
+    main()
