@@ -239,6 +239,12 @@ def test_swapping_real_and_fake_in_the_interleave_is_caught(f32, monkeypatch):
 # chains ~30 convolutions forward and back; `pytest -s` prints the measured errors.
 BF16_LOSS_RTOL = 0.02
 BF16_GRAD_RTOL = 0.15
+# Except the commitment loss: its EMA codebooks are k-means-initialised from this very batch's
+# latents, so it is tiny (3.8e-4) and measures little more than how the bf16 latents round
+# against codes drawn from them. It moved 1.4 % with op-by-op bf16 Snake/taps and 9.3 % with
+# the float32 elementwise math of issue 16, although that math brings the latents closer to
+# float32 (rms error 0.95 % vs 1.12 %) and every other loss too (mel 0.01 % vs 0.05 %).
+BF16_COMMITMENT_RTOL = 0.15
 
 
 def test_bfloat16_step_agrees_with_float32(f32):
@@ -249,7 +255,8 @@ def test_bfloat16_step_agrees_with_float32(f32):
                  "generator", "discriminator"):
         a, b = float(metrics16[f"loss/{name}"]), float(f32["metrics"][f"loss/{name}"])
         print(f"bf16 vs f32 loss/{name}: {a:.6g} vs {b:.6g} ({abs(a - b) / abs(b):.2%})")
-        assert abs(a - b) <= BF16_LOSS_RTOL * abs(b) + 1e-6, (name, a, b)
+        rtol = BF16_COMMITMENT_RTOL if name == "commitment" else BF16_LOSS_RTOL
+        assert abs(a - b) <= rtol * abs(b) + 1e-6, (name, a, b)
     g16, d16 = step_gradients(state, new16)
     g32, d32 = step_gradients(state, f32["new_state"])
     for model, got, want in (("generator", g16, g32), ("discriminator", d16, d32)):
