@@ -184,11 +184,14 @@ def main():
     rows_per_call = {"auto": "auto", "all": None}.get(args.rows_per_call) or int(args.rows_per_call)
     from codec_jax.nn import layers
 
+    choices = {}
     for item in args.layers:
         key, _, value = item.partition("=")
-        if key not in layers.IMPL:
-            raise SystemExit(f"--layers: unknown key {key!r}; known: {sorted(layers.IMPL)}")
-        layers.IMPL[key] = {"true": True, "false": False}.get(value.lower(), value)
+        choices[key] = {"true": True, "false": False}.get(value.lower(), value)
+    try:
+        layers.set_lowering(**choices)
+    except ValueError as e:
+        raise SystemExit(f"--layers: {e}") from None
 
     from codec_jax import get_preset
 

@@ -56,22 +56,32 @@ def test_sin_squared_is_accurate_over_the_range_snake_sees():
     assert np.all((got >= -1e-7) & (got <= 1 + 1e-6))
     bad = np.asarray(layers.sin_squared(jnp.asarray([np.nan, np.inf, -np.inf], jnp.float32)))
     assert np.all(np.isnan(bad))  # as jnp.sin: never a finite value from a non-finite input
+    # bfloat16 in, bfloat16 out, computed in float32 (the reduction constants need it).
+    half = layers.sin_squared(jnp.asarray(u[:1000], jnp.bfloat16))
+    assert half.dtype == jnp.bfloat16
+    exact_half = np.sin(np.asarray(jnp.asarray(u[:1000], jnp.bfloat16), np.float64)) ** 2
+    assert np.abs(np.asarray(half, np.float64) - exact_half).max() < 8e-3  # one bf16 rounding
     # Its gradient is 2 sin cos = sin(2u), which training relies on.
     grad = np.asarray(jax.vmap(jax.grad(layers.sin_squared))(jnp.asarray(u[-100_001:-6])))
     np.testing.assert_allclose(grad, np.sin(2 * u[-100_001:-6].astype(np.float64)), atol=2e-6)
+
+
+def test_unknown_lowering_is_refused():
+    with pytest.raises(ValueError, match="conv_transpose"):
+        layers.set_lowering(conv_transpose="polyphase_aligned")
+    with pytest.raises(ValueError, match="keys"):
+        layers.set_lowering(pointwize="dot")
 
 
 @pytest.fixture
 def restore_impl():
     saved = dict(layers.IMPL)
     yield
-    layers.IMPL.update(saved)
-    jax.clear_caches()
+    layers.set_lowering(**saved)
 
 
 def _decode_under(impl, variables, codes, config, dtype):
-    layers.IMPL.update(impl)
-    jax.clear_caches()  # IMPL is read when the function is traced
+    layers.set_lowering(**impl)
     with jax.default_matmul_precision("highest"):
         return np.asarray(codec_jax.decode(variables, codes, config=config, dtype=dtype,
                                            rng=jax.random.key(5)))

@@ -20,8 +20,9 @@ Dtype = Any
 Array = jax.Array
 
 # How some layers are lowered; every choice computes the same function (tests/test_layers.py
-# checks each against the other). Read when a function is traced, so a change needs
-# `jax.clear_caches()`. The defaults are the fastest measured (BENCHMARKS §1b):
+# checks each against the other). Read when a function is traced: change them with
+# `set_lowering`, which also drops the traced functions. The defaults are the fastest
+# measured (BENCHMARKS §1b):
 # - "conv_transpose": "polyphase" (`polyphase_conv_transpose`: one ordinary conv with
 #   `stride*out` channels) or "xla" (XLA's conv over the stride-dilated input, which the
 #   GPU runs as cuDNN's backward-data conv and autotunes for minutes at float32 batch 64);
@@ -31,6 +32,19 @@ Array = jax.Array
 # - "snake_sine": Snake's sin^2 as "polynomial" (`sin_squared`) or "jnp" (`jnp.sin`).
 IMPL = {"conv_transpose": "polyphase", "pointwise": "dot", "elementwise_f32": True,
         "snake_sine": "polynomial"}
+_IMPL_CHOICES = {"conv_transpose": ("polyphase", "xla"), "pointwise": ("dot", "conv"),
+                 "elementwise_f32": (True, False), "snake_sine": ("polynomial", "jnp")}
+
+
+def set_lowering(**choices) -> None:
+    """Set entries of `IMPL` (checked against the known choices) and drop JAX's caches, so
+    that functions traced from now on use them (benchmarks and tests compare them)."""
+    for key, value in choices.items():
+        if value not in _IMPL_CHOICES.get(key, ()):
+            raise ValueError(f"lowering {key}={value!r}: choose {key} from "
+                             f"{_IMPL_CHOICES.get(key)} (keys: {sorted(_IMPL_CHOICES)})")
+    IMPL.update(choices)
+    jax.clear_caches()
 
 
 def torch_uniform_init(fan_in: int):
@@ -214,6 +228,8 @@ def sin_squared(u: Array) -> Array:
     against the general `sin`, whose range reduction for any float made Snake the
     arithmetic bottleneck of the codec's fused elementwise passes (BENCHMARKS §1b).
     NaN and inf give NaN, as `jnp.sin` does."""
+    dtype = u.dtype
+    u = u.astype(jnp.promote_types(dtype, jnp.float32))  # the constants need float32
     k = jnp.round(u * (1.0 / math.pi))
     r = ((u - k * _PI_HI) - k * _PI_MID) - k * _PI_LO
     r2 = r * r
@@ -221,7 +237,7 @@ def sin_squared(u: Array) -> Array:
     for c in _SIN_COEFFS[-2::-1]:
         p = p * r2 + c
     s = r + r * r2 * p
-    return s * s
+    return (s * s).astype(dtype)
 
 
 class WNConvTranspose1d(nn.Module):
