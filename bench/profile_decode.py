@@ -11,6 +11,8 @@ temporaries) and x real time (median of --repeats runs). A variant is
 - POINTWISE: the 1x1 convs as `conv` or `dot`; `dot+bf16ew` (or `conv+bf16ew`) computes Snake and the depthwise taps in the
   activation dtype op by op (the code before issue 16) instead of float32; `+jnpsin`
   computes Snake's sin^2 with `jnp.sin` instead of `layers.sin_squared`;
+- `+pallas` (or `+pallasTxW`: tile of T steps, W warps) runs the residual units as
+  `codec_jax.nn.fused_residual`'s Triton kernel;
 - ROWS: `rows_per_call` of `codec_jax.decode`: `all`, `auto` or a number;
 - autotune=N: XLA's `xla_gpu_autotune_level` for this compilation only (default: XLA's).
 
@@ -50,9 +52,17 @@ def parse_variant(text: str) -> dict:
         options["xla_gpu_autotune_level"] = int(value)
     flags = parts[1].split("+")
     pointwise, bf16_elementwise, jnp_sine = flags[0], "bf16ew" in flags, "jnpsin" in flags
+    # +pallas: the fused residual unit kernel; +pallasTxW: with block_time T, W warps.
+    pallas = [f for f in flags if f.startswith("pallas")]
+    tuning = {}
+    if pallas and pallas[0] != "pallas":
+        block_time, _, warps = pallas[0][len("pallas"):].partition("x")
+        tuning = {"block_time": int(block_time), "num_warps": int(warps)}
     return dict(name=text, conv_transpose=parts[0], pointwise=pointwise,
                 elementwise_f32=not bf16_elementwise,
-                snake_sine="jnp" if jnp_sine else "polynomial", rows=rows, options=options)
+                snake_sine="jnp" if jnp_sine else "polynomial",
+                residual_unit="pallas" if pallas else "xla", tuning=tuning, rows=rows,
+                options=options)
 
 
 def device_time_by_op(trace_dir: str, top: int) -> list[tuple[str, float, int]]:
@@ -104,7 +114,7 @@ def main():
     import jax.numpy as jnp
 
     import codec_jax
-    from codec_jax.nn import layers
+    from codec_jax.nn import fused_residual, layers
 
     config = codec_jax.get_preset(args.preset)
     variables = codec_jax.init_variables(config, 0)
@@ -117,7 +127,9 @@ def main():
     for text in args.variants:
         v = parse_variant(text)
         layers.set_lowering(conv_transpose=v["conv_transpose"], pointwise=v["pointwise"],
-                            elementwise_f32=v["elementwise_f32"], snake_sine=v["snake_sine"])
+                            elementwise_f32=v["elementwise_f32"], snake_sine=v["snake_sine"],
+                            residual_unit=v["residual_unit"])
+        fused_residual.TUNING.update(fused_residual.DEFAULT_TUNING, **v["tuning"])
         t0 = time.perf_counter()
         lowered = codec_jax.decode.lower(variables, codes, config=config, dtype=args.dtype,
                                          rows_per_call=v["rows"])

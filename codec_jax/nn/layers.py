@@ -29,11 +29,16 @@ Array = jax.Array
 # - "pointwise": 1x1 convs as "dot" (a matmul) or "conv";
 # - "elementwise_f32": Snake and the depthwise taps computed in float32 for bfloat16
 #   activations (see `_elementwise_dtype`);
-# - "snake_sine": Snake's sin^2 as "polynomial" (`sin_squared`) or "jnp" (`jnp.sin`).
+# - "snake_sine": Snake's sin^2 as "polynomial" (`sin_squared`) or "jnp" (`jnp.sin`);
+# - "residual_unit": "xla" (the modules below) or "pallas" (`fused_residual`: one Triton
+#   kernel per depthwise bfloat16 unit of <= 256 channels on a GPU, the XLA path
+#   elsewhere; measured 2.3x slower than "xla", hence not the default); "pallas_interpret"
+#   runs that kernel in Pallas's interpreter on any backend (slow: for tests).
 IMPL = {"conv_transpose": "polyphase", "pointwise": "dot", "elementwise_f32": True,
-        "snake_sine": "polynomial"}
+        "snake_sine": "polynomial", "residual_unit": "xla"}
 _IMPL_CHOICES = {"conv_transpose": ("polyphase", "xla"), "pointwise": ("dot", "conv"),
-                 "elementwise_f32": (True, False), "snake_sine": ("polynomial", "jnp")}
+                 "elementwise_f32": (True, False), "snake_sine": ("polynomial", "jnp"),
+                 "residual_unit": ("xla", "pallas", "pallas_interpret")}
 
 
 def set_lowering(**choices) -> None:
@@ -230,7 +235,9 @@ def sin_squared(u: Array) -> Array:
     NaN and inf give NaN, as `jnp.sin` does."""
     dtype = u.dtype
     u = u.astype(jnp.promote_types(dtype, jnp.float32))  # the constants need float32
-    k = jnp.round(u * (1.0 / math.pi))
+    # floor(. + 0.5) rather than round: the same reduction, and Triton lowers floor (the
+    # Pallas residual unit, `fused_residual.py`, shares this function).
+    k = jnp.floor(u * (1.0 / math.pi) + 0.5)
     r = ((u - k * _PI_HI) - k * _PI_MID) - k * _PI_LO
     r2 = r * r
     p = _SIN_COEFFS[-1]
@@ -362,6 +369,10 @@ class ResidualUnit(nn.Module):
         """x `[batch, time, dim]`; `valid` int `[batch]`: steps of each row that hold signal
         (the dilated conv sees zeros beyond them, as in the row's own padding); None: all."""
         dim = x.shape[-1]
+        if IMPL["residual_unit"] != "xla" and not self.is_initializing():
+            fused = self._fused(x, valid)
+            if fused is not None:
+                return fused
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype, precision=self.precision)
         pad = (self.kernel_size - 1) * self.dilation // 2
         # Snake(0) = 0, so masking its input is masking the conv's input (and fuses with it).
@@ -374,6 +385,27 @@ class ResidualUnit(nn.Module):
         if crop > 0:
             x = x[:, crop:-crop]
         return x.astype(self.dtype) + y
+
+    def _fused(self, x: Array, valid: Optional[Array]) -> Optional[Array]:
+        """The unit as `fused_residual`'s kernel, from this unit's (initialised) parameters;
+        None where the kernel does not apply (then the XLA path runs)."""
+        from codec_jax.nn import fused_residual
+
+        interpret = IMPL["residual_unit"] == "pallas_interpret"
+        if not fused_residual.supported(x.shape, self.dtype, self.kernel_size, self.groups,
+                                        any_backend=interpret):
+            return None
+        p = self.variables["params"]
+
+        def kernel(conv):  # the weight-normed `[kernel, in/groups, out]`, as WNConv1d makes it
+            return weight_norm(p[conv]["direction"], p[conv]["magnitude"], norm_axes=(0, 1),
+                               mag_axis=2)
+
+        return fused_residual.fused_residual_unit(
+            x.astype(self.dtype), p["snake_1"]["alpha"], kernel("conv_dilated")[:, 0, :],
+            p["conv_dilated"]["bias"], p["snake_2"]["alpha"], kernel("conv_pointwise")[0],
+            p["conv_pointwise"]["bias"], self.dilation, valid, interpret=interpret,
+            **fused_residual.TUNING)
 
 
 class EncoderBlock(nn.Module):

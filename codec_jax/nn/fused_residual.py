@@ -1,0 +1,183 @@
+"""SNAC's residual unit as one Pallas (Triton) kernel on the GPU (issue 16).
+
+A residual unit is `x + W2 snake_2(dw(snake_1(x)))` with `dw` a 7-tap depthwise conv of
+dilation d and `W2` a 1x1 conv. XLA runs it as three or four passes over HBM (Snake
+materialised, the taps with the second Snake, the matmul, the skip add): on an H200 those
+passes were 60 % of the decoder's time, each well below the memory bandwidth (BENCHMARKS
+§1b). This kernel reads `x` once (each of the 7 shifted tiles hits L1/L2), computes both
+Snakes, the taps and the 1x1 matmul (tensor cores) in registers and writes the result once.
+Measured on an H200 it is 2.3x *slower* than XLA's passes (each tap is a masked gather of
+a whole tile followed by its own Snake; BENCHMARKS §1b), so it is off by default
+(`layers.set_lowering(residual_unit="pallas")` turns it on): a tested starting point for a
+kernel that loads one haloed tile and takes the taps from shared memory.
+
+It reproduces the XLA path's roundings (`layers.ResidualUnit` with bfloat16 activations:
+Snake in float32 rounded to bfloat16, taps accumulated in float32, biases added in
+bfloat16), so the two agree to accumulation order. The backward pass is the XLA path's
+(`jax.custom_vjp` around `residual_unit_reference`): training through it is exact.
+
+Shapes: `x` `[batch, time, channels]`; `dw_kernel` `[7, channels]`; `pw_kernel`
+`[channels, channels]` (in, out); biases and Snake alphas `[channels]`; `valid` int32
+`[batch]` (steps of each row that hold signal; None: all).
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+
+from codec_jax.nn import layers
+
+Array = jax.Array
+
+# Channels up to this (padded to a power of two) fit one [block_time, channels] tile and a
+# [channels, channels] weight in one program; wider units (the decoder's first blocks, a
+# fifth of its elementwise work) stay on the XLA path.
+MAX_CHANNELS = 256
+TAPS = 7
+# Tile and warps of the kernel (`block_time`, `num_warps` of `fused_residual_unit`): of those
+# measured on an H200 (bench/check_fused_residual.py, BENCHMARKS §1b) 16x4 and 32x4 were the
+# fastest; 128-step tiles took Triton 30-38 s to compile per unit.
+DEFAULT_TUNING = {"block_time": 32, "num_warps": 4}
+TUNING = dict(DEFAULT_TUNING)
+# Triton computes flat offsets in int32.
+_MAX_ELEMENTS = 2**31 - 1
+
+
+def supported(x_shape, dtype, kernel_size: int, groups: int, any_backend: bool = False) -> bool:
+    """Whether `fused_residual_unit` handles a unit of this shape (on this backend, unless
+    `any_backend`: the interpreter runs anywhere)."""
+    batch, time, channels = x_shape
+    return ((any_backend or jax.default_backend() == "gpu") and jnp.dtype(dtype) == jnp.bfloat16
+            and kernel_size == TAPS and groups == channels <= MAX_CHANNELS
+            and batch * time * channels <= _MAX_ELEMENTS)
+
+
+def _snake(x: Array, alpha: Array, inv_alpha: Array) -> Array:
+    """`layers.snake`'s float32 arithmetic on float32 `x`, alpha and 1/(alpha+1e-9) given."""
+    return x + inv_alpha * layers.sin_squared(alpha * x)
+
+
+def residual_unit_reference(x, alpha_1, dw_kernel, dw_bias, alpha_2, pw_kernel, pw_bias,
+                            dilation: int, valid: Optional[Array] = None) -> Array:
+    """The XLA path of `layers.ResidualUnit` (depthwise, 7 taps) as a function of its
+    weights (weight norm already applied): the kernel's specification and its backward."""
+    dtype = x.dtype
+    y = layers.snake(layers.apply_mask(x, valid), alpha_1, dtype)
+    y = layers._depthwise_conv(y, dw_kernel.astype(dtype), 3 * dilation, dilation)
+    y = layers.snake(y + dw_bias.astype(dtype), alpha_2, dtype)
+    y = jnp.einsum("bti,io->bto", y, pw_kernel.astype(dtype)) + pw_bias.astype(dtype)
+    return x + y
+
+
+def _kernel(valid_ref, x_ref, a1_ref, inv1_ref, kdw_ref, bdw_ref, a2_ref, inv2_ref,
+            w_ref, bpw_ref, o_ref, *, time: int, channels: int, padded: int,
+            block_time: int, dilation: int):
+    from jax.experimental.pallas import triton as plgpu
+
+    dtype = o_ref.dtype
+    f32 = jnp.float32
+    row, block = pl.program_id(0), pl.program_id(1)
+    n_valid = valid_ref[row]
+    c = jnp.arange(padded)
+    c_in = c < channels
+    t = block * block_time + jnp.arange(block_time)
+    a1, inv1 = a1_ref[...], inv1_ref[...]
+    acc = jnp.zeros((block_time, padded), f32)
+    skip = None
+    for j in range(TAPS):
+        tj = t + (j - TAPS // 2) * dilation
+        inside = (tj >= 0) & (tj < time)
+        xj = plgpu.load(x_ref.at[(row * time + tj)[:, None], c[None, :]],
+                        mask=inside[:, None] & c_in[None, :], other=0.0).astype(f32)
+        if j == TAPS // 2:
+            skip = xj
+        # Beyond the row's valid steps the unit sees zeros (its own padding), and Snake(0) = 0.
+        xj = jnp.where((tj < n_valid)[:, None], xj, 0.0)
+        acc = acc + _snake(xj, a1, inv1).astype(dtype).astype(f32) * kdw_ref[j, :][None, :]
+    y = (acc.astype(dtype).astype(f32) + bdw_ref[...][None, :]).astype(dtype).astype(f32)
+    y = _snake(y, a2_ref[...][None, :], inv2_ref[...][None, :]).astype(dtype)
+    y = jnp.dot(y, w_ref[...], preferred_element_type=f32)
+    y = (y.astype(dtype).astype(f32) + bpw_ref[...][None, :]).astype(dtype).astype(f32)
+    out = (skip + y).astype(dtype)
+    plgpu.store(o_ref.at[(row * time + t)[:, None], c[None, :]], out,
+                mask=(t < time)[:, None] & c_in[None, :])
+
+
+def _forward(x, alpha_1, dw_kernel, dw_bias, alpha_2, pw_kernel, pw_bias, valid, *,
+             dilation: int, block_time: int, num_warps: int, interpret: bool) -> Array:
+    from jax.experimental.pallas import triton as plgpu
+
+    batch, time, channels = x.shape
+    dtype = x.dtype
+    padded = max(16, pl.next_power_of_2(channels))  # tensor-core dots need >= 16
+    f32 = jnp.float32
+
+    def vec(v, cast):  # [channels] -> [padded], zeros in the padding
+        return jnp.pad(cast(v), (0, padded - channels))
+
+    as_dtype = lambda v: v.astype(dtype).astype(f32)  # the XLA path rounds weights to dtype
+    a1, a2 = vec(alpha_1, as_dtype), vec(alpha_2, as_dtype)
+    inv1 = jnp.reciprocal(a1 + 1e-9)
+    inv2 = jnp.reciprocal(a2 + 1e-9)
+    kdw = jnp.pad(as_dtype(dw_kernel), ((0, 0), (0, padded - channels)))
+    bdw, bpw = vec(dw_bias, as_dtype), vec(pw_bias, as_dtype)
+    w = jnp.pad(pw_kernel.astype(dtype), ((0, padded - channels), (0, padded - channels)))
+    valid = (jnp.full((batch,), time, jnp.int32) if valid is None
+             else jnp.asarray(valid, jnp.int32))
+    kernel = functools.partial(_kernel, time=time, channels=channels, padded=padded,
+                               block_time=block_time, dilation=dilation)
+    out = pl.pallas_call(
+        kernel,
+        out_shape=jax.ShapeDtypeStruct((batch * time, channels), dtype),
+        grid=(batch, pl.cdiv(time, block_time)),
+        compiler_params=plgpu.CompilerParams(num_warps=num_warps),
+        interpret=interpret,
+        name=f"residual_unit_d{dilation}_c{channels}",
+    )(valid, x.reshape(batch * time, channels), a1, inv1, kdw, bdw, a2, inv2, w, bpw)
+    return out.reshape(batch, time, channels)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(8, 9, 10, 11))
+def _fused(x, alpha_1, dw_kernel, dw_bias, alpha_2, pw_kernel, pw_bias, valid,
+           dilation, block_time, num_warps, interpret):
+    return _forward(x, alpha_1, dw_kernel, dw_bias, alpha_2, pw_kernel, pw_bias, valid,
+                    dilation=dilation, block_time=block_time, num_warps=num_warps,
+                    interpret=interpret)
+
+
+def _fused_fwd(x, alpha_1, dw_kernel, dw_bias, alpha_2, pw_kernel, pw_bias, valid,
+               dilation, block_time, num_warps, interpret):
+    out = _fused(x, alpha_1, dw_kernel, dw_bias, alpha_2, pw_kernel, pw_bias, valid,
+                 dilation, block_time, num_warps, interpret)
+    return out, (x, alpha_1, dw_kernel, dw_bias, alpha_2, pw_kernel, pw_bias, valid)
+
+
+def _fused_bwd(dilation, block_time, num_warps, interpret, residuals, g):
+    *weights, valid = residuals
+    _, vjp = jax.vjp(lambda *w: residual_unit_reference(*w, dilation=dilation, valid=valid),
+                     *weights)
+    grads = vjp(g)
+    valid_grad = None if valid is None else jnp.zeros(valid.shape, jax.dtypes.float0)
+    return (*grads, valid_grad)
+
+
+_fused.defvjp(_fused_fwd, _fused_bwd)
+
+
+def fused_residual_unit(x: Array, alpha_1: Array, dw_kernel: Array, dw_bias: Array,
+                        alpha_2: Array, pw_kernel: Array, pw_bias: Array, dilation: int,
+                        valid: Optional[Array] = None, *, block_time: int = 32,
+                        num_warps: int = 4, interpret: bool = False) -> Array:
+    """`residual_unit_reference(...)` as one kernel; x `[batch, time, channels]` -> same shape.
+
+    `interpret=True` runs the kernel in Pallas's interpreter (any backend: the tests)."""
+    if dw_kernel.shape != (TAPS, x.shape[-1]) or pw_kernel.shape != (x.shape[-1],) * 2:
+        raise ValueError(f"fused residual unit: x {x.shape}, depthwise kernel {dw_kernel.shape}, "
+                         f"pointwise kernel {pw_kernel.shape}: want [{TAPS}, C] and [C, C]")
+    return _fused(x, alpha_1, dw_kernel, dw_bias, alpha_2, pw_kernel, pw_bias, valid,
+                  dilation, block_time, num_warps, interpret)
