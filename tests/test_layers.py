@@ -9,7 +9,6 @@ that it leaves codes and audio unchanged is in tests/test_invariance.py.
 
 from __future__ import annotations
 
-import itertools
 
 import jax
 import jax.numpy as jnp
@@ -97,7 +96,10 @@ def test_every_lowering_decodes_the_same_audio(restore_impl):
                               snake_sine="jnp"),
                          variables, codes, config, "float32")
     assert np.abs(base).max() > 0.05  # random codes through a random decoder: real signal
-    for ct, pw, sine in itertools.product(("xla", "polyphase"), ("conv", "dot"), ("jnp", "polynomial")):
+    # Every pair of choices of the three (a 4-run orthogonal array of the 8 combinations):
+    # each choice is tried against each other one, at half the compilations.
+    for ct, pw, sine in [("polyphase", "conv", "jnp"), ("xla", "dot", "jnp"),
+                         ("xla", "conv", "polynomial"), ("polyphase", "dot", "polynomial")]:
         out = _decode_under(dict(conv_transpose=ct, pointwise=pw, snake_sine=sine), variables, codes,
                             config, "float32")
         np.testing.assert_allclose(out, base, atol=2e-5, err_msg=f"{ct}/{pw}/{sine}")
