@@ -11,6 +11,7 @@ of elements that differ. Then it times the XLA path and the kernel at each tile
 
 from __future__ import annotations
 
+import functools
 import os
 import sys
 import time
@@ -59,8 +60,8 @@ def main():
     w = weights(jax.random.key(1), channels)
     gb = 2 * x.size * 2 / 1e9
     for name, fn in [("xla", jax.jit(fr.residual_unit_reference, static_argnums=7)),
-                     *[(f"pallas {bt}x{nw}", jax.jit(lambda x, *w, bt=bt, nw=nw: fr.fused_residual_unit(
-                         x, *w[:-1], w[-1], block_time=bt, num_warps=nw), static_argnums=7))
+                     *[(f"pallas {bt}x{nw}", jax.jit(functools.partial(
+                         fr.fused_residual_unit, block_time=bt, num_warps=nw), static_argnums=7))
                        for bt, nw in tiles]]:
         try:
             t0 = time.perf_counter()

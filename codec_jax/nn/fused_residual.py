@@ -152,8 +152,9 @@ def _fused(x, alpha_1, dw_kernel, dw_bias, alpha_2, pw_kernel, pw_bias, valid,
 
 def _fused_fwd(x, alpha_1, dw_kernel, dw_bias, alpha_2, pw_kernel, pw_bias, valid,
                dilation, block_time, num_warps, interpret):
-    out = _fused(x, alpha_1, dw_kernel, dw_bias, alpha_2, pw_kernel, pw_bias, valid,
-                 dilation, block_time, num_warps, interpret)
+    out = _forward(x, alpha_1, dw_kernel, dw_bias, alpha_2, pw_kernel, pw_bias, valid,
+                   dilation=dilation, block_time=block_time, num_warps=num_warps,
+                   interpret=interpret)
     return out, (x, alpha_1, dw_kernel, dw_bias, alpha_2, pw_kernel, pw_bias, valid)
 
 
