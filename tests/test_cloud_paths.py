@@ -4,18 +4,21 @@ The bucket is a local Google Cloud Storage emulator (pip `gcp-storage-emulator`,
 memory, offline). Every layer reaches it through its real `gs://` code path:
 etils.epath through gcsfs (`STORAGE_EMULATOR_HOST`), orbax through tensorstore's `gcs`
 driver (`TENSORSTORE_GCS_HTTP_URL`), JAX's compilation cache through etils.epath and
-tensorboardX through `codec_jax.training.metrics`' epath event files. Not covered: real
-GCS authentication, and TFDS data dirs on `gs://` (array_record's C++ reader does not
-use the emulator endpoint; see docs/cloud_tpu.md).
+tensorboardX through `codec_jax.training.metrics`' epath event files. TFDS data dirs on
+`gs://` are read from a local copy staged through etils.epath (`codec_jax/data/staging.py`:
+array_record's C++ reader cannot read `gs://`). Not covered: real GCS authentication.
 
-The full cycle is slow (two tiny runs with compilation) and is marked `slow`.
+The full cycle is slow (two tiny runs with compilation) and is marked `long`; the TFDS
+staging tests use a dataset of six 1 s tones and are fast.
 """
 
 from __future__ import annotations
 
+import faulthandler
 import json
 import logging
 import os
+import signal
 import socket
 
 import numpy as np
@@ -177,3 +180,226 @@ def test_train_resume_eval_export_on_a_bucket(bucket, tmp_path, monkeypatch,
     audio = np.random.default_rng(0).uniform(-0.1, 0.1, (1, 4000)).astype(np.float32)
     codes = codec.encode(audio)
     assert codec.decode(codes, length=4000).shape == (1, 4000)
+
+
+# --------------------------------------------------------------------------- TFDS data on gs://
+
+NAME = "cloud_tones"
+
+
+@pytest.fixture
+def deadline():
+    """A test that talks to the emulator fails instead of hanging: SIGALRM raises in
+    Python code after 60 s; if the process is stuck in C++ (array_record's reader given a
+    `gs://` path blocks there), faulthandler prints every thread's stack and ends it."""
+
+    def expire(signum, frame):
+        raise TimeoutError("the test ran for more than 60 s against the GCS emulator")
+
+    previous = signal.signal(signal.SIGALRM, expire)
+    signal.alarm(60)
+    faulthandler.dump_traceback_later(120, exit=True)
+    yield
+    faulthandler.cancel_dump_traceback_later()
+    signal.alarm(0)
+    signal.signal(signal.SIGALRM, previous)
+
+
+@pytest.fixture(scope="module")
+def remote_tfds(bucket, tmp_path_factory):
+    """(local data_dir, `gs://BUCKET/tfds`): a prepared dataset of six 1 s tones (4 train,
+    2 validation records) on disk, and the same files uploaded to the bucket."""
+    import soundfile as sf
+    from etils import epath
+
+    from codec_jax.data import prepare
+
+    audio = tmp_path_factory.mktemp("tones")
+    t = np.arange(24000) / 24000
+    for i in range(6):
+        sf.write(audio / f"t{i}.wav", (0.3 * np.sin(2 * np.pi * (200 + 50 * i) * t)).astype(np.float32),
+                 24000, subtype="PCM_16")
+    local = tmp_path_factory.mktemp("tfds")
+    prepare.prepare_folder(str(audio), name=NAME, data_dir=str(local), validation_fraction=0.34)
+    remote = epath.Path(bucket) / "tfds"
+    for f in sorted(local.rglob("*")):
+        if f.is_file():
+            dst = remote / f.relative_to(local).as_posix()
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            dst.write_bytes(f.read_bytes())
+    return str(local), str(remote)
+
+
+@pytest.fixture
+def copies(monkeypatch):
+    """Names of the files the staging downloads (its per-file copy function, counted)."""
+    from codec_jax.data import staging
+
+    copied = []
+    original = staging._copy_file
+
+    def counting(src, dst, *args, **kwargs):
+        copied.append(os.path.basename(dst))
+        return original(src, dst, *args, **kwargs)
+
+    monkeypatch.setattr(staging, "_copy_file", counting)
+    return copied
+
+
+def _version_files(local):
+    return sorted(os.listdir(os.path.join(local, NAME, "1.0.0")))
+
+
+def _copy_dir(cache):
+    return os.path.join(str(cache), "gs", BUCKET, "tfds", NAME, "1.0.0")
+
+
+def _assert_same_records(got, want):
+    assert len(got) == len(want) > 0
+    for i in range(len(want)):
+        g, w = got[i], want[i]
+        assert g["path"] == w["path"]
+        assert g["audio"].shape == w["audio"].shape  # the record's length
+        np.testing.assert_array_equal(g["audio"], w["audio"])
+
+
+def test_tfds_data_dir_on_a_bucket_is_read_from_a_local_copy(remote_tfds, tmp_path, monkeypatch,
+                                                             copies, caplog, deadline):
+    from codec_jax.data import pipeline, staging
+
+    local, remote = remote_tfds
+    monkeypatch.setenv(staging.CACHE_ENV, str(tmp_path / "cache"))  # the default cache_dir
+    with caplog.at_level(logging.INFO, logger="codec_jax.data.staging"):
+        for split in ("train", "validation"):
+            _assert_same_records(pipeline.open_tfds_source(NAME, remote, split),
+                                 pipeline.open_tfds_source(NAME, local, split))
+    files = _version_files(local)
+    # Every file once, into a directory that mirrors the bucket path; the second split
+    # was read from the same copy.
+    assert sorted(copies) == files
+    copy_dir = _copy_dir(tmp_path / "cache")
+    assert sorted(os.listdir(copy_dir)) == sorted(files + [staging.MANIFEST])
+    size = sum(os.path.getsize(os.path.join(local, NAME, "1.0.0", f)) for f in files)
+    assert f"copying {len(files)} files ({size / 1e6:.1f} MB) to {copy_dir}" in caplog.text
+    assert f"using the local copy in {copy_dir}" in caplog.text
+
+
+def test_a_complete_local_copy_is_reused(remote_tfds, tmp_path, copies, deadline):
+    from codec_jax.data import pipeline
+
+    local, remote = remote_tfds
+    pipeline.open_tfds_source(NAME, remote, "train", cache_dir=str(tmp_path))
+    assert sorted(copies) == _version_files(local)
+    copy_dir = _copy_dir(tmp_path)
+
+    def stats():
+        return {f: (os.stat(os.path.join(copy_dir, f)).st_ino, os.stat(os.path.join(copy_dir, f)).st_mtime_ns)
+                for f in os.listdir(copy_dir)}
+
+    before = stats()
+    copies.clear()
+    src = pipeline.open_tfds_source(NAME, remote, "train", cache_dir=str(tmp_path))
+    assert copies == []             # nothing downloaded again
+    assert stats() == before        # nor rewritten
+    _assert_same_records(src, pipeline.open_tfds_source(NAME, local, "train"))
+    assert sorted(os.listdir(os.path.dirname(copy_dir))) == [".1.0.0.lock", "1.0.0"]
+
+
+def test_an_interrupted_or_damaged_copy_is_repaired(remote_tfds, tmp_path, monkeypatch, copies, deadline):
+    import json as json_
+
+    from codec_jax.data import pipeline, staging
+
+    local, remote = remote_tfds
+    files = _version_files(local)
+    train_shard = next(f for f in files if "-train.array_record" in f)
+    copy_dir = _copy_dir(tmp_path)
+    parent = os.path.dirname(copy_dir)
+    want = pipeline.open_tfds_source(NAME, local, "train")
+
+    # 1. The connection drops while the validation shard is copied (one file at a time,
+    # in name order: the train shard is done, the .json files have not started).
+    monkeypatch.setattr(staging, "_COPY_THREADS", 1)
+    counting = staging._copy_file
+    validation_shard = next(f for f in files if "-validation.array_record" in f)
+
+    def failing(src, dst, *args, **kwargs):
+        if os.path.basename(dst) == validation_shard:
+            with open(dst + ".part", "wb") as f:
+                f.write(b"half a shard")
+            raise ConnectionError("connection reset")
+        return counting(src, dst, *args, **kwargs)
+
+    monkeypatch.setattr(staging, "_copy_file", failing)
+    with pytest.raises(ConnectionError):
+        pipeline.open_tfds_source(NAME, remote, "train", cache_dir=str(tmp_path))
+    assert not os.path.exists(copy_dir)  # no half dataset that looks like one
+    (partial,) = [d for d in os.listdir(parent) if d.startswith(".1.0.0.partial-")]
+    done = sorted(f for f in os.listdir(os.path.join(parent, partial)) if f in files)
+    assert done == [train_shard]
+
+    # The next start downloads only what is missing and cleans up.
+    monkeypatch.setattr(staging, "_copy_file", counting)
+    copies.clear()
+    _assert_same_records(pipeline.open_tfds_source(NAME, remote, "train", cache_dir=str(tmp_path)), want)
+    assert sorted(copies) == sorted(set(files) - set(done))
+    assert sorted(os.listdir(parent)) == [".1.0.0.lock", "1.0.0"]
+
+    # 2. A local file of the wrong size (truncated on disk) is copied again, alone.
+    with open(os.path.join(copy_dir, train_shard), "r+b") as f:
+        f.truncate(1000)
+    copies.clear()
+    _assert_same_records(pipeline.open_tfds_source(NAME, remote, "train", cache_dir=str(tmp_path)), want)
+    assert copies == [train_shard]
+
+    # 3. A copy made from another upload of the same file (the remote mtime differs
+    # from the one recorded at copy time) is stale and replaced.
+    manifest = os.path.join(copy_dir, staging.MANIFEST)
+    with open(manifest) as f:
+        recorded = json_.load(f)
+    recorded["files"]["metadata.json"][1] -= 100
+    with open(manifest, "w") as f:
+        json_.dump(recorded, f)
+    copies.clear()
+    _assert_same_records(pipeline.open_tfds_source(NAME, remote, "train", cache_dir=str(tmp_path)), want)
+    assert copies == ["metadata.json"]
+    assert sorted(os.listdir(parent)) == [".1.0.0.lock", "1.0.0"]
+
+
+def test_staging_errors_say_what_to_do(remote_tfds, tmp_path, monkeypatch, deadline):
+    import collections
+
+    from codec_jax.data import pipeline, staging
+
+    local, remote = remote_tfds
+    with pytest.raises(FileNotFoundError, match=f"not found in data_dir {remote}.*'{NAME}'"):
+        pipeline.open_tfds_source("no_such_dataset", remote, cache_dir=str(tmp_path))
+    usage = collections.namedtuple("usage", "total used free")
+    monkeypatch.setattr(staging.shutil, "disk_usage", lambda path: usage(10**6, 10**6 - 1000, 1000))
+    size = sum(os.path.getsize(os.path.join(local, NAME, "1.0.0", f)) for f in _version_files(local))
+    with pytest.raises(OSError, match=f"needs {size} bytes .* 1000 bytes .* free in .*data.cache_dir"):
+        pipeline.open_tfds_source(NAME, remote, cache_dir=str(tmp_path))
+    assert not os.path.exists(_copy_dir(tmp_path))
+    assert [d for d in os.listdir(os.path.dirname(_copy_dir(tmp_path))) if "partial" in d] == []
+
+
+def test_input_pipeline_reads_tfds_sources_on_a_bucket(remote_tfds, tmp_path, deadline):
+    from codec_jax.data import pipeline
+
+    _, remote = remote_tfds
+    cfg = pipeline.default_data_config()
+    cfg.cache_dir = str(tmp_path)
+    cfg.sources = [{"kind": "tfds", "name": NAME, "data_dir": remote, "weight": 1.0}]
+    cfg.eval_sources = list(cfg.sources)  # the validation split
+    cfg.with_metadata = True
+    it = pipeline.create_train_iterator(cfg, global_batch_size=4, seed=0)
+    try:
+        batch = next(it)
+    finally:
+        it.close()
+    assert batch["audio"].shape == (4, 24000)
+    assert np.all(np.isfinite(batch["audio"])) and np.all(np.abs(batch["audio"]).max(axis=1) > 0.01)
+    assert set(batch["record_index"]) <= set(range(4))
+    (ev,) = list(pipeline.create_eval_iterator(cfg, batch_size=2, num_batches=1))
+    assert ev["audio"].shape == (2, 24000) and set(ev["record_index"]) <= {0, 1}
+    assert os.path.isfile(os.path.join(_copy_dir(tmp_path), "dataset_info.json"))

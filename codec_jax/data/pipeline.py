@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import atexit
 import math
+import os
 import sys
 import weakref
 from collections.abc import Mapping, Sequence
@@ -55,7 +56,8 @@ def default_data_config() -> ml_collections.ConfigDict:
     sources / eval_sources entries:
       {"kind": "synthetic", "weight": 1.0}                      optional: "seed", "kinds", "seconds"
       {"kind": "tfds", "name": "librispeech_24k", "data_dir": "~/tensorflow_datasets",
-       "split": "train", "weight": 1.0}                         optional: "audio_key", "sample_rate"
+       "split": "train", "weight": 1.0}                         optional: "audio_key", "sample_rate",
+                                                                "cache_dir" (overrides cfg.cache_dir)
     Eval TFDS sources default to split "validation".
     """
     c = ml_collections.ConfigDict()
@@ -80,6 +82,8 @@ def default_data_config() -> ml_collections.ConfigDict:
     c.shuffle_seed = 0                 # record order + synthetic stream; None: the iterator seed
     c.synthetic_kinds = list(_PIPELINE_SYNTHETIC_KINDS)
     c.with_metadata = False            # add "source_index"/"record_index" [batch] to batches
+    c.cache_dir = ""                   # local copies of TFDS data_dirs on gs:// (or any URL):
+                                       # "" = $CODEC_JAX_DATA_CACHE or ~/.cache/codec_jax/tfds
     return c
 
 
@@ -104,8 +108,15 @@ def _prepare_hint(name: str, data_dir: str) -> str:
             f"--data-dir {data_dir}\n(see docs/data.md)")
 
 
-def open_tfds_source(name: str, data_dir: str | None = None, split: str = "train"):
+def open_tfds_source(name: str, data_dir: str | None = None, split: str = "train", *,
+                     cache_dir: str | None = None):
     """`tfds.data_source(name, data_dir)[split]` with errors that say what to do.
+
+    A remote `data_dir` (`gs://BUCKET/tfds`, `s3://...`, any URL) is read from a local
+    copy of the dataset's version directory under `cache_dir` (default
+    `$CODEC_JAX_DATA_CACHE` or `~/.cache/codec_jax/tfds`), made on the first use and
+    reused while it matches the remote files: array_record cannot read `gs://`
+    (`codec_jax/data/staging.py`). Local data dirs are read in place.
 
     Returns:
       a grain-compatible random-access source of records (dicts).
@@ -114,11 +125,12 @@ def open_tfds_source(name: str, data_dir: str | None = None, split: str = "train
       FileNotFoundError: no prepared dataset `name` under `data_dir` (the
         message lists the datasets that are there and the prepare command).
       ValueError: the split does not exist.
+      OSError: a remote dataset does not fit in the free space of `cache_dir`.
     """
     import tensorflow_datasets as tfds  # heavy import, only when a TFDS source is used
 
     from codec_jax.data.prepare import default_data_dir
-    from codec_jax.paths import as_path
+    from codec_jax.paths import as_path, is_remote
 
     data_dir = as_path(data_dir or default_data_dir())  # local or gs://
     base = name.split(":", 1)[0]
@@ -134,7 +146,20 @@ def open_tfds_source(name: str, data_dir: str | None = None, split: str = "train
             f"TFDS dataset {name!r} not found in data_dir {data_dir} (no {ds_dir}/<version>/"
             f"dataset_info.json). Datasets there: {present or 'none'}. " + _prepare_hint(base, data_dir)
         )
-    sources = tfds.data_source(name, data_dir=str(data_dir))
+    read_dir, read_name = str(data_dir), name
+    if is_remote(data_dir):
+        from codec_jax.data import staging
+
+        versions = [v.name for v in ds_dir.iterdir() if (v / "dataset_info.json").is_file()]
+        version = name.split(":", 1)[1] if ":" in name else staging.latest_version(versions)
+        if version not in versions:
+            raise FileNotFoundError(
+                f"TFDS dataset {name!r}: no version {version} in {ds_dir} (versions there: "
+                f"{sorted(versions)})")
+        read_dir = staging.local_mirror(data_dir, cache_dir)
+        staging.stage_version_dir(ds_dir / version, os.path.join(read_dir, base, version))
+        read_name = f"{base}:{version}"
+    sources = tfds.data_source(read_name, data_dir=read_dir)
     if split not in sources:
         raise ValueError(
             f"TFDS dataset {name!r} in {data_dir} has no split {split!r} (it has {sorted(sources)}); "
@@ -180,7 +205,8 @@ def _source_dataset(
         if "name" not in spec:
             raise ValueError(f"tfds source needs a 'name': {spec}")
         split = spec.get("split", "train" if train else "validation")
-        src = open_tfds_source(spec["name"], spec.get("data_dir"), split)
+        src = open_tfds_source(spec["name"], spec.get("data_dir"), split,
+                               cache_dir=spec.get("cache_dir") or cfg.get("cache_dir") or None)
         n = len(src)
         if n < process_count:
             raise ValueError(
