@@ -19,7 +19,8 @@
 # Calls must follow each other within the machine's 30 s idle window, or /tmp/qc is gone.
 # Environment: CURVE_LAST (set: the curve's last call, which ends the run at the step it can
 # reach), CURVE_MINUTES (minutes left to the curve segment, default 8.5),
-# CURVE_STEPS (export/eval steps), CORPUS_SECONDS (limit of the corpus bench).
+# CURVE_STEPS (export/eval steps), CURVE_NO_EVAL (set: export without evaluating, e.g. for
+# `entropy`), CORPUS_SECONDS (limit of the corpus bench).
 set -u
 OUT=${OUT:-bench_out}
 mkdir -p "$OUT"
@@ -32,7 +33,11 @@ if [[ ! -f /tmp/site/.installed ]]; then
     --target /tmp/site .whl/*.whl && touch /tmp/site/.installed || exit 1
 fi
 export PYTHONPATH=$PWD:/tmp/site
-python3 -c "import jax, torch, soundfile, soxr, snac, pesq, pystoi, visqol, grain, tensorflow_datasets; print('jax', jax.__version__, jax.devices(), 'torch', torch.__version__)" || exit 1
+python3 -c "import jax, torch, soundfile, soxr, snac, grain, tensorflow_datasets, constriction; print('jax', jax.__version__, jax.devices(), 'torch', torch.__version__)" || exit 1
+# The curve's evaluation needs the metric wheels too; CURVE_NO_EVAL=1 trains and exports only.
+if [[ " $* " == *" curve "* && -z "${CURVE_NO_EVAL:-}" ]]; then
+  python3 -c "import pesq, pystoi, visqol" || exit 1
+fi
 nvidia-smi --query-gpu=name,memory.total,memory.used,clocks.sm --format=csv,noheader
 
 for part in "$@"; do
@@ -50,6 +55,7 @@ for part in "$@"; do
       # The first evaluation compiles its programs and starts PESQ/ViSQOL: 3.4 min on
       # 2026-12-02; later ones load them from the cache (0.5 min).
       reserve=$([[ -d /tmp/qc/evals ]] && echo 1.0 || echo 3.5)
+      [[ -n "${CURVE_NO_EVAL:-}" ]] && reserve=0.2
       # Autotune level 2 (initialised buffers, no correctness re-check of each candidate):
       # the level the GAN-step rows of BENCHMARKS.md were measured at, to keep compiling
       # inside a call.
@@ -59,7 +65,7 @@ for part in "$@"; do
       python3 bench/quality_curve.py run --workdir /tmp/qc --source-dir .gpu_audio/speech \
         --data-dir /tmp/qc/tfds --steps "${CURVE_STEPS:-500,2000,5000,9000,14000}" \
         --time-limit-minutes "$minutes" --eval-reserve-minutes "$reserve" \
-        --checkpoint-every 1000 ${CURVE_LAST:+--fit-last-step} \
+        --checkpoint-every 1000 ${CURVE_LAST:+--fit-last-step} ${CURVE_NO_EVAL:+--no-eval} \
         2>&1 | tee -a "$OUT/quality_curve.log"
       cp /tmp/qc/quality_curve.csv "$OUT/" 2>/dev/null
       if [[ -f /tmp/qc/quality_curve.csv ]]; then

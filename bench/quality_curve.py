@@ -351,6 +351,9 @@ def run(args) -> int:
                 shutil.move(str(train_dir / "export"), str(export))
             else:
                 raise SystemExit(f"training reached step {step} but wrote no export")
+        if args.no_eval:
+            _log(f"step {step}: exported to {export}; evaluation skipped (--no-eval)")
+            continue
         t0 = time.monotonic()
         eval_dir = work / "evals" / str(step)
         # All levels only: the curve records full-bitrate quality (fewer shapes to compile).
@@ -438,6 +441,9 @@ def main(argv=None) -> int:
                    help="a restarted trainer's time to its first step, for --fit-last-step")
     r.add_argument("--eval-files", type=int, default=None, help="first N validation records only")
     r.add_argument("--eval-batch-size", type=int, default=8)
+    r.add_argument("--no-eval", action="store_true",
+                   help="train and export only (no `codec-jax eval`, no CSV row): for runs that "
+                        "need the trained codec, not its curve, e.g. the entropy figures")
     r.add_argument("--no-visqol", action="store_true")
     r.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="config override, e.g. --set train.batch_size=32 (repeatable)")
