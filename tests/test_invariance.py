@@ -215,6 +215,7 @@ def test_padding_without_lengths_changes_codes(tiny):
     assert unexplained > 0
 
 
+@pytest.mark.slow  # 30 s on the 2-core VM: keeps the fast tier under 5 minutes
 def test_rows_per_call_leaves_codes_and_audio_unchanged(tiny):
     """Coding 2 rows per pass (the last pass padded with a zero row) equals coding all 5 at
     once, with per-row lengths and, decoding, with noise (positional, so independent of

@@ -86,6 +86,7 @@ def _decode_under(impl, variables, codes, config, dtype):
                                            rng=jax.random.key(5)))
 
 
+@pytest.mark.slow  # 67 s on the 2-core VM: keeps the fast tier under 5 minutes
 def test_every_lowering_decodes_the_same_audio(restore_impl):
     config = codec_jax.get_preset("tiny")
     variables = codec_jax.init_variables(config, 0)

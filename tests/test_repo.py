@@ -29,13 +29,17 @@ def test_ci_runs_exactly_the_readme_test_commands():
 def test_long_tests_count_as_slow():
     """tests/test_cli.py has unmarked, `slow` and `long` tests: -m "not slow" must leave
     out both marked kinds, -m "slow and not long" only the middle tier."""
-    def collected(expr):
-        out = subprocess.run([sys.executable, "-m", "pytest", "--collect-only", "-q", "-m", expr,
-                              "-p", "no:cacheprovider", "tests/test_cli.py"],
-                             cwd=REPO, capture_output=True, text=True, timeout=300).stdout
+    def start(expr):  # the three collections run at once (each imports jax: ~5 s)
+        return subprocess.Popen([sys.executable, "-m", "pytest", "--collect-only", "-q", "-m", expr,
+                                 "-p", "no:cacheprovider", "tests/test_cli.py"],
+                                cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+
+    def collected(proc):
+        out = proc.communicate(timeout=300)[0]
         return {line.split("::", 1)[1] for line in out.splitlines() if "::" in line}
 
-    fast, middle, long = collected("not slow"), collected("slow and not long"), collected("long")
+    procs = [start(expr) for expr in ("not slow", "slow and not long", "long")]
+    fast, middle, long = (collected(p) for p in procs)
     assert "test_sigterm_leaves_no_partial_files_and_the_rerun_finishes" in long
     assert "test_encode_decode_directory_round_trip_with_a_bad_file" in middle
     assert fast and not (fast & long) and not (fast & middle) and not (middle & long)
