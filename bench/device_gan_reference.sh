@@ -8,7 +8,11 @@
 # .whl/ as for bench/device_session.sh (snac, soundfile, grain, tfds, ...); .whl_ref/ holds
 # descript-audio-codec 1.0.0, descript-audiotools 0.7.2 and what their imports need
 # (argbind, flatten-dict, julius, ffmpy, importlib-resources, randomname, boto3, botocore,
-# jmespath, s3transfer, pystoi), all --no-deps, for CPython 3.12. torchaudio is the device's.
+# jmespath, s3transfer, pystoi, and librosa 0.11.0 with audioread, decorator, pooch and
+# platformdirs: audiotools builds DAC's mel filters with librosa), all --no-deps, for CPython
+# 3.12 (argbind and randomname are sdists: `pip wheel --no-deps` them with a 3.12 Python).
+# torchaudio is the device's. The imports are checked before anything is timed: the first
+# attempt (2026-12-03) lacked librosa and lost its reference rows.
 # Each part has its own time limit (GAN_PARTS lists them, in order; the call stops at 600 s).
 set -u
 OUT=${OUT:-bench_out}
@@ -18,6 +22,7 @@ export TEMPORARILY_DISABLE_PROTOBUF_VERSION_CHECK=true
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
   --target /tmp/site .whl/*.whl .whl_ref/*.whl || exit 1
 export PYTHONPATH=$PWD:/tmp/site
+python3 -c "import dac.model.discriminator, dac.nn.loss, audiotools, librosa, snac, grain" || exit 1
 nvidia-smi --query-gpu=name,memory.total,clocks.sm --format=csv,noheader
 REF="python3 bench/bench_gan_reference.py --preset snac_24khz --batch 16 --seconds 1.0"
 for part in ${GAN_PARTS:-ref_eager_bf16 ours_bf16 ref_eager_f32 ref_compile_bf16}; do
