@@ -34,6 +34,9 @@ def _leaves(seed: int = 0) -> dict[str, jax.Array]:
         "step": jnp.int32(123),
         "empty": jnp.zeros((0, 4), jnp.float32),
         "big": jnp.asarray(rng.standard_normal(70_000), jnp.float32),
+        # Sorted last: an empty leaf closing a group must not cut the leaf before it short.
+        "z_last": jnp.asarray(rng.standard_normal(5), jnp.float32),
+        "zz_empty": jnp.zeros((0,), jnp.float32),
     }
 
 

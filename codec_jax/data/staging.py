@@ -112,8 +112,8 @@ def _matching(local_dir: str, listing: dict) -> set[str]:
         try:
             if os.path.getsize(os.path.join(local_dir, rel)) == entry[0]:
                 out.add(rel)
-        except OSError:
-            pass
+        except OSError:  # not there (yet): to be copied
+            continue
     return out
 
 

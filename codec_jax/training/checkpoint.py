@@ -68,13 +68,19 @@ class NoRestorableCheckpointError(WorkError):
 # ---------------------------------------------------------------------------------------
 
 
-def _mix32(h: jax.Array) -> jax.Array:
-    """murmur3's 32-bit finaliser: a bijection of uint32 that spreads every input bit."""
-    h = h ^ (h >> 16)
-    h = h * jnp.uint32(0x85EBCA6B)
-    h = h ^ (h >> 13)
-    h = h * jnp.uint32(0xC2B2AE35)
-    return h ^ (h >> 16)
+def _mix32(h):
+    """murmur3's 32-bit finaliser: a bijection of uint32 that spreads every input bit.
+
+    For jax and numpy uint32 arrays alike (the constants take `h`'s own scalar type, and
+    uint32 arithmetic wraps mod 2**32 in both), so the host checksums below are the
+    device ones bit for bit.
+    """
+    u32 = h.dtype.type
+    h = h ^ (h >> u32(16))
+    h = h * u32(0x85EBCA6B)
+    h = h ^ (h >> u32(13))
+    h = h * u32(0xC2B2AE35)
+    return h ^ (h >> u32(16))
 
 
 def _as_uint32_bits(x: jax.Array) -> jax.Array:
@@ -143,33 +149,23 @@ _HOST_GROUP_ELEMENTS = 1 << 22  # bounds numpy's temporaries (16 MiB per uint32 
 _NP_BITS = {4: np.uint32, 2: np.uint16, 1: np.uint8}
 
 
-def _np_mix32(h: np.ndarray) -> np.ndarray:
-    """`_mix32` in numpy (uint32 arithmetic wraps mod 2**32 alike)."""
-    h = h ^ (h >> np.uint32(16))
-    h = h * np.uint32(0x85EBCA6B)
-    h = h ^ (h >> np.uint32(13))
-    h = h * np.uint32(0xC2B2AE35)
-    return h ^ (h >> np.uint32(16))
-
-
 def _host_group_checksums(arrays: list[np.ndarray]) -> tuple[list[np.ndarray], list[bool]]:
     """`_leaf_checksum` of each host array, bit for bit, in one numpy pass over the group."""
     sizes = np.array([a.size for a in arrays], np.int64)
     bits = np.concatenate([
         (a.astype(np.uint32) if a.dtype == np.bool_
          else a.view(_NP_BITS[a.dtype.itemsize]).astype(np.uint32)).reshape(-1) for a in arrays])
-    starts = np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(np.int64)
+    ends = np.cumsum(sizes)
+    starts = ends - sizes
     # Each element's position inside its own leaf (mod 2**32, as the device path's iotas).
     index = (np.arange(bits.size, dtype=np.int64) - np.repeat(starts, sizes)).astype(np.uint32)
     lanes = []
     for seed in _LANE_SEEDS:
-        mixed = _np_mix32(bits ^ _np_mix32(index * np.uint32(2) + np.uint32(seed)))
-        # add.reduceat sums each leaf's slice; empty leaves (reduceat would return the next
-        # element) are set to 0 below.
-        lanes.append(np.add.reduceat(mixed, np.minimum(starts, max(bits.size - 1, 0)),
-                                     dtype=np.uint32) if bits.size else np.zeros(len(arrays), np.uint32))
+        mixed = _mix32(bits ^ _mix32(index * np.uint32(2) + np.uint32(seed)))
+        # A leaf's sum mod 2**32 is the difference of two prefix sums (0 for an empty leaf).
+        prefix = np.concatenate([np.zeros(1, np.uint32), np.cumsum(mixed, dtype=np.uint32)])
+        lanes.append(prefix[ends] - prefix[starts])
     sums = np.stack(lanes, axis=-1)
-    sums[sizes == 0] = 0
     finite = [bool(np.isfinite(a).all()) if jnp.issubdtype(a.dtype, jnp.inexact) else True
               for a in arrays]
     return list(sums), finite
