@@ -59,7 +59,11 @@ class Phases:
         return out
 
 
-def measure_phases(config_name: str, overrides: list[str]) -> dict[str, Any]:
+def measure_phases(config_name: str, overrides: list[str], until: str = "eval",
+                   time_steps: int = 0) -> dict[str, Any]:
+    """Phases up to `until` ("init", "step" or "eval"); with `time_steps`, also the
+    median time of that many train steps after the first (same batch), so that a
+    compile-time change can be checked for its cost per step in the same run."""
     phases = Phases()
     t_start = time.perf_counter()
 
@@ -73,12 +77,11 @@ def measure_phases(config_name: str, overrides: list[str]) -> dict[str, Any]:
     import jax
     import numpy as np
 
-    from codec_jax.cli.train import _resolve_config_path
     from codec_jax.training import loop
     from codec_jax.training import sharding as shard_lib
 
     jax.config.update("jax_enable_compilation_cache", False)
-    config = load_config(config_name, overrides, _resolve_config_path)
+    config = load_config(config_name, overrides)
     setup = phases.run("create_training_setup", lambda: loop.create_training_setup(config))
 
     from codec_jax.training import state as ts
@@ -86,19 +89,44 @@ def measure_phases(config_name: str, overrides: list[str]) -> dict[str, Any]:
     seed_rng = ts.rng_from_seed(int(config.train.seed))
     init = jax.jit(setup.init_fn, in_shardings=(shard_lib.replicated(setup.mesh),),
                    out_shardings=setup.state_shardings)
-    lowered = phases.run("state init: trace + lower", lambda: init.lower(seed_rng))
-    compiled = phases.run("state init: XLA compile", lowered.compile)
+    with setup.init_lowering():  # as TrainingSetup.init_state compiles it
+        lowered = phases.run("state init: trace + lower", lambda: init.lower(seed_rng))
+        compiled = phases.run("state init: XLA compile", lowered.compile)
     state = phases.run("state init: run",
                        lambda: jax.block_until_ready(compiled(seed_rng)))
+    result = dict(config=config_name, overrides=overrides, phases=phases.rows,
+                  device=jax.devices()[0].device_kind, backend=jax.default_backend(),
+                  jax=jax.__version__, xla_flags=os.environ.get("XLA_FLAGS", ""),
+                  threefry_gpu_kernel_init=bool(config.train.get("threefry_gpu_kernel_init", True)))
+    result["state_sha256"] = _state_digest(state)
+    print(f"  initial parameters sha256 {result['state_sha256'][:16]}", flush=True)
+    if until == "init":
+        result["to_state_s"] = time.perf_counter() - t_start
+        return result
 
     batch = {"audio": np.zeros((int(config.train.batch_size), setup.num_samples), np.float32)}
     batch = shard_lib.make_global_batch(batch, setup.mesh)
     lowered = phases.run("train step: trace + lower",
                          lambda: setup.p_train_step.lower(state, batch))
     compiled = phases.run("train step: XLA compile", lowered.compile)
-    phases.run("train step: first run",
-               lambda: jax.block_until_ready(compiled(state, batch)))
+    state, _ = phases.run("train step: first run",
+                          lambda: jax.block_until_ready(compiled(state, batch)))
     first_step = time.perf_counter() - t_start
+    result["to_first_step_s"] = first_step
+    if time_steps:
+        times = []
+        for _ in range(int(time_steps)):
+            t0 = time.perf_counter()
+            state, metrics = compiled(state, batch)
+            jax.block_until_ready(metrics)
+            times.append(time.perf_counter() - t0)
+        result["step_s_median"] = float(np.median(times))
+        result["audio_s_per_s"] = (int(config.train.batch_size) * setup.num_samples
+                                   / setup.generator.config.sampling_rate / result["step_s_median"])
+        print(f"  {time_steps} more steps: median {result['step_s_median'] * 1e3:.1f} ms/step, "
+              f"{result['audio_s_per_s']:.1f} audio-s/s", flush=True)
+    if until == "step":
+        return result
 
     eval_bs = int(config.logging.eval_batch_size)
     eval_batch = shard_lib.make_global_batch(
@@ -107,9 +135,21 @@ def measure_phases(config_name: str, overrides: list[str]) -> dict[str, Any]:
     lowered = phases.run("eval step: trace + lower",
                          lambda: setup.p_eval_step.lower(state, eval_batch))
     phases.run("eval step: XLA compile", lowered.compile)
-    return dict(config=config_name, overrides=overrides, phases=phases.rows,
-                to_first_step_s=first_step, device=jax.devices()[0].device_kind,
-                backend=jax.default_backend(), jax=jax.__version__)
+    return result
+
+
+def _state_digest(state) -> str:
+    """sha256 over the bytes of the initial parameters and codebooks: equal digests mean
+    a compile-time change (e.g. the threefry lowering) left the initial model unchanged."""
+    import hashlib
+
+    import jax
+    import numpy as np
+
+    h = hashlib.sha256()
+    for leaf in jax.tree_util.tree_leaves((state.gen_params, state.disc_params, state.codebook)):
+        h.update(np.ascontiguousarray(jax.device_get(leaf)).tobytes())
+    return h.hexdigest()
 
 
 def compiled_init_again(setup, seed_rng):
@@ -122,16 +162,14 @@ def compiled_init_again(setup, seed_rng):
                    out_shardings=setup.state_shardings)(seed_rng)
 
 
-def load_config(name: str, overrides: list[str], resolve):
-    """The config as `codec-jax train` builds it: the file's get_config(), then the
-    `--config.KEY=VALUE` overrides through ml_collections' flag parser."""
-    from absl import flags
-    from ml_collections import config_flags
+def load_config(name: str, overrides: list[str]):
+    """The config exactly as `codec-jax train` builds it (its own argument parser): the
+    file's get_config(), then the `--config.KEY=VALUE` overrides."""
+    from codec_jax.cli.train import parse_args
 
-    fv = flags.FlagValues()
-    config_flags.DEFINE_config_file("config", None, "", flag_values=fv, lock_config=True)
-    fv(["bench"] + resolve(["--config", name] + [f"--config.{o}" for o in overrides]))
-    return fv.config
+    config, _, _ = parse_args(["--config", name, "--workdir", "unused"]
+                              + [f"--config.{o}" for o in overrides])
+    return config
 
 
 def measure_cli(config_name: str, overrides: list[str], warm: bool) -> dict[str, Any]:
@@ -172,6 +210,10 @@ def main(argv=None) -> int:
                    help="a config override without the --config. prefix, e.g. train.batch_size=8")
     p.add_argument("--cli", action="store_true", help="time `codec-jax train` in a subprocess")
     p.add_argument("--warm", action="store_true", help="with --cli: a second run on the filled cache")
+    p.add_argument("--until", choices=("init", "step", "eval"), default="eval",
+                   help="phases: stop after the state init, the first train step, or the eval compile")
+    p.add_argument("--time-steps", type=int, default=0,
+                   help="phases: then time this many more train steps (median reported)")
     p.add_argument("--json", default=None, help="also write the results here")
     args = p.parse_args(argv)
     if args.cli:
@@ -181,9 +223,13 @@ def main(argv=None) -> int:
                   f"(process exited after {r['total_s']:.1f} s)")
     else:
         print(f"phases of a cold start, config {args.config}:")
-        result = measure_phases(args.config, args.override)
-        print(f"to the first finished step: {result['to_first_step_s']:.1f} s wall "
-              f"({sum(r['cpu_s'] for r in result['phases'][:-2]):.1f} s CPU)")
+        result = measure_phases(args.config, args.override, args.until, args.time_steps)
+        if "to_first_step_s" in result:
+            step_rows = [r for r in result["phases"] if not r["phase"].startswith("eval")]
+            print(f"to the first finished step: {result['to_first_step_s']:.1f} s wall "
+                  f"({sum(r['cpu_s'] for r in step_rows):.1f} s CPU)")
+        else:
+            print(f"to the initialised state: {result['to_state_s']:.1f} s wall")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(result, f, indent=2)

@@ -170,6 +170,12 @@ def base_config(preset: str, *, batch_size: int = 16, crop_seconds: float = 1.0,
         # Persistent XLA compilation cache: a restarted (preempted) job skips
         # recompiling. Empty: off.
         compilation_cache_dir="",
+        # On GPUs, compile the state initialiser with threefry lowered to JAX's CUDA
+        # kernel instead of unrolled XLA ops (`jax_threefry_gpu_kernel_lowering`): the
+        # same random bits, one kernel instead of a hash per parameter (snac_24khz on an
+        # H200: 4 s of compile instead of 129 s). The train step is not affected.
+        # No effect on other backends.
+        threefry_gpu_kernel_init=True,
         # Exit status of `codec-jax train` after a SIGTERM (preemption) save: non-zero,
         # so that a scheduler restarts the job instead of marking it done.
         preemption_exit_code=143,

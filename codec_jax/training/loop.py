@@ -16,6 +16,7 @@ A run already at `train.num_steps` returns at once.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import logging
@@ -183,14 +184,40 @@ class TrainingSetup:
 
     def init_state(self, gen_params: Optional[Any] = None) -> ts.TrainState:
         """A fresh sharded state (generator from `gen_params` host arrays if given)."""
-        state, _ = ts.create_sharded_state(
-            self.init_fn, int(self.config.train.seed), self.mesh,
-            int(self.config.mesh.fsdp_min_size), gen_params=gen_params)
+        with self.init_lowering():
+            state, _ = ts.create_sharded_state(
+                self.init_fn, int(self.config.train.seed), self.mesh,
+                int(self.config.mesh.fsdp_min_size), gen_params=gen_params)
         return state
+
+    def init_lowering(self):
+        """Context in which the state initialiser is traced and compiled: with
+        `train.threefry_gpu_kernel_init`, threefry lowers to JAX's CUDA kernel on GPUs."""
+        return threefry_kernel_lowering(
+            bool(self.config.train.get("threefry_gpu_kernel_init", True)))
 
     def restore_target(self) -> ts.TrainState:
         """Abstract state with this mesh's shardings: what checkpoints restore into."""
         return ts.abstract_with_shardings(self.abstract_state, self.state_shardings)
+
+
+@contextlib.contextmanager
+def threefry_kernel_lowering(enabled: bool):
+    """Within the block, jitted functions lower the threefry PRNG on GPUs to JAX's CUDA
+    kernel (`jax_threefry_gpu_kernel_lowering`) when `enabled`, to unrolled XLA ops
+    otherwise; the previous setting is put back afterwards. Same random bits either way.
+
+    Why: the state initialiser draws every parameter with its own threefry hash; unrolled,
+    each is a separate set of fusions to compile (snac_24khz on an H200: 129 s), as one
+    kernel call 4-7 s. The flag is part of the jit cache key, so programs traced outside
+    the block (the train step) are unaffected. Other backends ignore it.
+    """
+    previous = bool(jax.config.jax_threefry_gpu_kernel_lowering)
+    jax.config.update("jax_threefry_gpu_kernel_lowering", bool(enabled))
+    try:
+        yield
+    finally:
+        jax.config.update("jax_threefry_gpu_kernel_lowering", previous)
 
 
 def create_training_setup(config: ml_collections.ConfigDict,

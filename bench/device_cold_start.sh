@@ -1,0 +1,37 @@
+#!/usr/bin/env bash
+# Issue 15 item 1 on a lent H200: where the cold start of `codec-jax train` goes
+# (bench/bench_cold_start.py phases: state init trace/compile/run, train step
+# trace/compile/first run, then 20 timed steps), at configs/snac_24khz.py with the
+# trainer's own defaults (no XLA_FLAGS), with and without the threefry GPU kernel.
+#
+#   run(command="bash bench/device_cold_start.sh", carry=[".whl"])
+#
+# .whl/ as for bench/device_session.sh. COLD_PARTS lists the parts, in order; each has
+# its own time limit (the device call stops at 600 s). The initial parameters' sha256
+# is printed by each part: equal digests mean the lowering left the initial model as it was.
+set -u
+OUT=${OUT:-bench_out}
+mkdir -p "$OUT"
+export XLA_PYTHON_CLIENT_PREALLOCATE=false PYTHONUNBUFFERED=1
+export TEMPORARILY_DISABLE_PROTOBUF_VERSION_CHECK=true
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+  --target /tmp/site .whl/*.whl || exit 1
+export PYTHONPATH=$PWD:/tmp/site
+nvidia-smi --query-gpu=name,memory.total,clocks.sm --format=csv,noheader
+COLD="python3 bench/bench_cold_start.py --config snac_24khz --until step --time-steps ${COLD_STEPS:-20}"
+for part in ${COLD_PARTS:-kernel unrolled}; do
+  echo "=== $part $(date -u +%H:%M:%S)"
+  case "$part" in
+    kernel) timeout "${KERNEL_SECONDS:-270}" $COLD --json "$OUT/$part.json" ;;
+    check_init) timeout "${CHECK_SECONDS:-200}" python3 bench/check_threefry_init.py --config snac_24khz --json "$OUT/$part.json" ;;
+    unrolled) timeout "${UNROLLED_SECONDS:-300}" $COLD --override train.threefry_gpu_kernel_init=False --json "$OUT/$part.json" ;;
+    # kernel+FLAG=VALUE[,FLAG=VALUE]: the kernel part with these XLA_FLAGS (without "--"),
+    # e.g. kernel+xla_gpu_autotune_level=2 or kernel+xla_gpu_enable_triton_gemm=false.
+    kernel+*)
+      flags=$(echo "${part#kernel+}" | sed 's/^/--/; s/,/ --/g')
+      name=$(echo "$part" | tr -c 'A-Za-z0-9_\n' '_')
+      XLA_FLAGS="$flags" timeout "${VARIANT_SECONDS:-240}" $COLD --json "$OUT/$name.json" ;;
+    *) echo "unknown part $part" >&2 ;;
+  esac 2>&1 | tee -a "$OUT/cold_start.log" | tail -20
+done
+echo "=== done $(date -u +%H:%M:%S)"
