@@ -12,12 +12,7 @@
 set -u
 OUT=${OUT:-bench_out}
 mkdir -p "$OUT"
-export XLA_PYTHON_CLIENT_PREALLOCATE=false PYTHONUNBUFFERED=1
-export TEMPORARILY_DISABLE_PROTOBUF_VERSION_CHECK=true
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-  --target /tmp/site .whl/*.whl || exit 1
-export PYTHONPATH=$PWD:/tmp/site
-nvidia-smi --query-gpu=name,memory.total,clocks.sm --format=csv,noheader
+source bench/device_env.sh .whl
 COLD="python3 bench/bench_cold_start.py --config snac_24khz --until step --time-steps ${COLD_STEPS:-20}"
 for part in ${COLD_PARTS:-kernel unrolled}; do
   echo "=== $part $(date -u +%H:%M:%S)"

@@ -17,13 +17,8 @@
 set -u
 OUT=${OUT:-bench_out}
 mkdir -p "$OUT"
-export XLA_PYTHON_CLIENT_PREALLOCATE=false PYTHONUNBUFFERED=1
-export TEMPORARILY_DISABLE_PROTOBUF_VERSION_CHECK=true
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-  --target /tmp/site .whl/*.whl .whl_ref/*.whl || exit 1
-export PYTHONPATH=$PWD:/tmp/site
+source bench/device_env.sh .whl .whl_ref
 python3 -c "import dac.model.discriminator, dac.nn.loss, audiotools, librosa, snac, grain" || exit 1
-nvidia-smi --query-gpu=name,memory.total,clocks.sm --format=csv,noheader
 REF="python3 bench/bench_gan_reference.py --preset snac_24khz --batch 16 --seconds 1.0"
 for part in ${GAN_PARTS:-ref_eager_bf16 ours_bf16 ref_eager_f32 ref_compile_bf16}; do
   echo "=== $part $(date -u +%H:%M:%S)"
