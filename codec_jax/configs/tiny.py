@@ -6,9 +6,10 @@ The `tiny` preset (16 kHz, 3 levels of 64 codes) on 0.25 s synthetic crops (4032
 samples: rounded up to the model's padding multiple of 96), with a
 smaller discriminator and mel scales that fit the short crops. It exercises every
 code path of the real configs (GAN step, EMA codebooks, sharding, checkpoints, eval).
-On 2 CPU cores: about 2.5 minutes of compilation, 140 s of CPU time measured by
-`bench/bench_cold_start.py` (once; set `--config.train.compilation_cache_dir` to keep
-it across restarts), then well under a second per step; the mel loss halves within ~30 steps.
+On 2 CPU cores: about 1-2.5 minutes of compilation, 80-140 s of CPU time measured by
+`bench/bench_cold_start.py` (once per workdir: the compiled programs are kept in
+`WORKDIR/compilation_cache` for restarts), then well under a second per step; the mel
+loss halves within ~30 steps.
 
 `configs/tiny.py:stereo` is the same on the `tiny_stereo` preset: two channels coded
 jointly, trained on stereo crops (panned synthetic mixes, or the first two channels of a

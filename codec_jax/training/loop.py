@@ -135,6 +135,40 @@ class TraceCounter:
         return self.fn(*args, **kwargs)
 
 
+WORKDIR_PLACEHOLDER = "{workdir}"
+
+
+def resolve_cache_dir(cache_dir: str, workdir: Optional[str]) -> str:
+    """`train.compilation_cache_dir` with `{workdir}` replaced by the run's workdir (the
+    default, `{workdir}/compilation_cache`, keeps a run's compiled programs beside its
+    checkpoints, so a preempted or resumed run loads them instead of compiling again).
+    Without a workdir (a notebook building a `TrainingSetup` by hand) such a value means
+    no cache: ""."""
+    cache_dir = str(cache_dir or "")
+    if WORKDIR_PLACEHOLDER not in cache_dir:
+        return cache_dir
+    if not workdir:
+        return ""
+    return cache_dir.replace(WORKDIR_PLACEHOLDER, str(workdir).rstrip("/"))
+
+
+@contextlib.contextmanager
+def _compilation_cache_for_run(cache_dir: str):
+    """The persistent compilation cache in `cache_dir` for the block; the process's
+    previous cache setting is put back afterwards (a notebook's later programs are not
+    written into this run's workdir)."""
+    previous = jax.config.jax_compilation_cache_dir
+    enable_compilation_cache(cache_dir)
+    try:
+        yield
+    finally:
+        if cache_dir and jax.config.jax_compilation_cache_dir != previous:
+            from jax.experimental.compilation_cache import compilation_cache
+
+            jax.config.update("jax_compilation_cache_dir", previous)
+            compilation_cache.reset_cache()
+
+
 def enable_compilation_cache(cache_dir: str) -> None:
     """Use a persistent XLA compilation cache in `cache_dir` (no-op when empty; local or
     `gs://`, JAX reads it through etils.epath).
@@ -223,7 +257,7 @@ def threefry_kernel_lowering(enabled: bool):
 def create_training_setup(config: ml_collections.ConfigDict,
                           devices: Optional[list] = None) -> TrainingSetup:
     """Models, optimizers, mesh (over `devices`, default all) and the jitted steps."""
-    enable_compilation_cache(config.train.get("compilation_cache_dir", ""))
+    enable_compilation_cache(resolve_cache_dir(config.train.get("compilation_cache_dir", ""), None))
     validate_hyperparameters(config)
     generator = builders.build_generator(config)
     discriminator = builders.build_discriminator(config)
@@ -273,6 +307,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     """
     workdir = as_path(workdir)
     config = ml_collections.ConfigDict(config.to_dict())  # private, unlocked copy
+    config.train.compilation_cache_dir = resolve_cache_dir(
+        config.train.get("compilation_cache_dir", ""), str(workdir))
+    with _compilation_cache_for_run(config.train.compilation_cache_dir):
+        return _train(config, workdir)
+
+
+def _train(config: ml_collections.ConfigDict, workdir) -> dict[str, float]:
+    """`train_and_evaluate`'s body, with the config private and the cache set up."""
     _print("building the models, optimizers and mesh...")
     setup = create_training_setup(config)
     mesh, generator = setup.mesh, setup.generator
