@@ -60,7 +60,7 @@ class Phases:
 
 
 def measure_phases(config_name: str, overrides: list[str], until: str = "eval",
-                   time_steps: int = 0) -> dict[str, Any]:
+                   time_steps: int = 0, step_threefry_kernel: bool = False) -> dict[str, Any]:
     """Phases up to `until` ("init", "step" or "eval"); with `time_steps`, also the
     median time of that many train steps after the first (same batch), so that a
     compile-time change can be checked for its cost per step in the same run."""
@@ -97,7 +97,8 @@ def measure_phases(config_name: str, overrides: list[str], until: str = "eval",
     result = dict(config=config_name, overrides=overrides, phases=phases.rows,
                   device=jax.devices()[0].device_kind, backend=jax.default_backend(),
                   jax=jax.__version__, xla_flags=os.environ.get("XLA_FLAGS", ""),
-                  threefry_gpu_kernel_init=bool(config.train.get("threefry_gpu_kernel_init", True)))
+                  threefry_gpu_kernel_init=bool(config.train.get("threefry_gpu_kernel_init", True)),
+                  step_threefry_kernel=bool(step_threefry_kernel))
     result["state_sha256"] = _state_digest(state)
     print(f"  initial parameters sha256 {result['state_sha256'][:16]}", flush=True)
     if until == "init":
@@ -106,9 +107,12 @@ def measure_phases(config_name: str, overrides: list[str], until: str = "eval",
 
     batch = {"audio": np.zeros((int(config.train.batch_size), setup.num_samples), np.float32)}
     batch = shard_lib.make_global_batch(batch, setup.mesh)
-    lowered = phases.run("train step: trace + lower",
-                         lambda: setup.p_train_step.lower(state, batch))
-    compiled = phases.run("train step: XLA compile", lowered.compile)
+    # The train step as the trainer compiles it (unrolled threefry), or with
+    # --step-threefry-kernel the kernel lowering the initialiser uses, for the A/B.
+    with loop.threefry_kernel_lowering(step_threefry_kernel):
+        lowered = phases.run("train step: trace + lower",
+                             lambda: setup.p_train_step.lower(state, batch))
+        compiled = phases.run("train step: XLA compile", lowered.compile)
     state, _ = phases.run("train step: first run",
                           lambda: jax.block_until_ready(compiled(state, batch)))
     first_step = time.perf_counter() - t_start
@@ -214,6 +218,9 @@ def main(argv=None) -> int:
                    help="phases: stop after the state init, the first train step, or the eval compile")
     p.add_argument("--time-steps", type=int, default=0,
                    help="phases: then time this many more train steps (median reported)")
+    p.add_argument("--step-threefry-kernel", action="store_true",
+                   help="phases: compile the train step with threefry lowered to the GPU kernel "
+                        "(the trainer compiles only its state initialiser so)")
     p.add_argument("--json", default=None, help="also write the results here")
     args = p.parse_args(argv)
     if args.cli:
@@ -223,7 +230,8 @@ def main(argv=None) -> int:
                   f"(process exited after {r['total_s']:.1f} s)")
     else:
         print(f"phases of a cold start, config {args.config}:")
-        result = measure_phases(args.config, args.override, args.until, args.time_steps)
+        result = measure_phases(args.config, args.override, args.until, args.time_steps,
+                                args.step_threefry_kernel)
         if "to_first_step_s" in result:
             step_rows = [r for r in result["phases"] if not r["phase"].startswith("eval")]
             print(f"to the first finished step: {result['to_first_step_s']:.1f} s wall "

@@ -2,7 +2,10 @@
 # Issue 15 item 1 on a lent H200: where the cold start of `codec-jax train` goes
 # (bench/bench_cold_start.py phases: state init trace/compile/run, train step
 # trace/compile/first run, then 20 timed steps), at configs/snac_24khz.py with the
-# trainer's own defaults (no XLA_FLAGS), with and without the threefry GPU kernel.
+# trainer's own defaults (no XLA_FLAGS). Parts: `kernel` (the trainer as it is: the
+# initialiser with the threefry GPU kernel), `unrolled` (the initialiser without it),
+# `step_kernel` (the step with it too: the A/B of the step's compile and speed),
+# `check_init`, and `kernel+XLA_FLAG=VALUE` variants.
 #
 #   run(command="bash bench/device_cold_start.sh", carry=[".whl"])
 #
@@ -18,6 +21,8 @@ for part in ${COLD_PARTS:-kernel unrolled}; do
   echo "=== $part $(date -u +%H:%M:%S)"
   case "$part" in
     kernel) timeout "${KERNEL_SECONDS:-270}" $COLD --json "$OUT/$part.json" ;;
+    # The train step's own threefry lowering, A/B: the trainer's (unrolled) is `kernel`.
+    step_kernel) timeout "${KERNEL_SECONDS:-270}" $COLD --step-threefry-kernel --json "$OUT/$part.json" ;;
     check_init) timeout "${CHECK_SECONDS:-200}" python3 bench/check_threefry_init.py --config snac_24khz --json "$OUT/$part.json" ;;
     unrolled) timeout "${UNROLLED_SECONDS:-300}" $COLD --override train.threefry_gpu_kernel_init=False --json "$OUT/$part.json" ;;
     # kernel+FLAG=VALUE[,FLAG=VALUE]: the kernel part with these XLA_FLAGS (without "--"),
