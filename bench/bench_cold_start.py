@@ -91,16 +91,14 @@ def measure_phases(config_name: str, overrides: list[str], until: str = "eval",
                    out_shardings=setup.state_shardings)
     with setup.init_lowering():  # as TrainingSetup.init_state compiles it
         lowered = phases.run("state init: trace + lower", lambda: init.lower(seed_rng))
-        compiled = phases.run("state init: XLA compile", lowered.compile)
+        compiled_init = phases.run("state init: XLA compile", lowered.compile)
     state = phases.run("state init: run",
-                       lambda: jax.block_until_ready(compiled(seed_rng)))
+                       lambda: jax.block_until_ready(compiled_init(seed_rng)))
     result = dict(config=config_name, overrides=overrides, phases=phases.rows,
                   device=jax.devices()[0].device_kind, backend=jax.default_backend(),
                   jax=jax.__version__, xla_flags=os.environ.get("XLA_FLAGS", ""),
                   threefry_gpu_kernel_init=bool(config.train.get("threefry_gpu_kernel_init", True)),
                   step_threefry_kernel=bool(step_threefry_kernel))
-    result["state_sha256"] = _state_digest(state)
-    print(f"  initial parameters sha256 {result['state_sha256'][:16]}", flush=True)
     if until == "init":
         result["to_state_s"] = time.perf_counter() - t_start
         return result
@@ -135,35 +133,13 @@ def measure_phases(config_name: str, overrides: list[str], until: str = "eval",
     eval_bs = int(config.logging.eval_batch_size)
     eval_batch = shard_lib.make_global_batch(
         {"audio": np.zeros((eval_bs, setup.num_samples), np.float32)}, setup.mesh)
-    state = jax.block_until_ready(compiled_init_again(setup, seed_rng))
+    # A second state (the first was donated to the train step), from the compiled
+    # initialiser: a new jit here would compile it again, outside its threefry lowering.
+    state = jax.block_until_ready(compiled_init(seed_rng))
     lowered = phases.run("eval step: trace + lower",
                          lambda: setup.p_eval_step.lower(state, eval_batch))
     phases.run("eval step: XLA compile", lowered.compile)
     return result
-
-
-def _state_digest(state) -> str:
-    """sha256 over the bytes of the initial parameters and codebooks: equal digests mean
-    a compile-time change (e.g. the threefry lowering) left the initial model unchanged."""
-    import hashlib
-
-    import jax
-    import numpy as np
-
-    h = hashlib.sha256()
-    for leaf in jax.tree_util.tree_leaves((state.gen_params, state.disc_params, state.codebook)):
-        h.update(np.ascontiguousarray(jax.device_get(leaf)).tobytes())
-    return h.hexdigest()
-
-
-def compiled_init_again(setup, seed_rng):
-    """A second state (the first was donated to the train step); not timed."""
-    import jax
-
-    from codec_jax.training import sharding as shard_lib
-
-    return jax.jit(setup.init_fn, in_shardings=(shard_lib.replicated(setup.mesh),),
-                   out_shardings=setup.state_shardings)(seed_rng)
 
 
 def load_config(name: str, overrides: list[str]):

@@ -10,8 +10,8 @@
 #   run(command="bash bench/device_cold_start.sh", carry=[".whl"])
 #
 # .whl/ as for bench/device_session.sh. COLD_PARTS lists the parts, in order; each has
-# its own time limit (the device call stops at 600 s). The initial parameters' sha256
-# is printed by each part: equal digests mean the lowering left the initial model as it was.
+# its own time limit (the device call stops at 600 s). `check_init` compares the initial
+# models of the two lowerings array by array (bench/check_threefry_init.py).
 set -u
 OUT=${OUT:-bench_out}
 mkdir -p "$OUT"

@@ -169,9 +169,9 @@ def base_config(preset: str, *, batch_size: int = 16, crop_seconds: float = 1.0,
         max_consecutive_skips=20,
         # Persistent XLA compilation cache: a restarted (preempted) or resumed job loads
         # the compiled programs instead of compiling them again (snac_24khz on an H200:
-        # first step 21.5-27.9 s where it loaded, 200+ s compiling). `{workdir}` is the run's workdir; any
-        # local or gs:// directory works, shared between runs of one config too.
-        # Empty: off.
+        # first step 21.5-27.9 s where it loaded, 200+ s compiling). `{workdir}` is the
+        # run's workdir; any local or gs:// directory works, also one shared between
+        # runs of one config. Empty: off.
         compilation_cache_dir="{workdir}/compilation_cache",
         # On GPUs, compile the state initialiser with threefry lowered to JAX's CUDA
         # kernel instead of unrolled XLA ops (`jax_threefry_gpu_kernel_lowering`): the
