@@ -66,7 +66,6 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
 
     import jax
-    import numpy as np
 
     from bench.bench_cold_start import load_config
     from codec_jax.data import pipeline
@@ -121,18 +120,23 @@ def main(argv=None) -> int:
         jax.block_until_ready(metrics)
         synced.append(time.perf_counter() - t)
 
-    t = time.perf_counter()
-    for _ in range(args.time_steps):
-        state, metrics = setup.p_train_step(state, batch)
-    jax.block_until_ready(metrics)
-    pipelined = (time.perf_counter() - t) / args.time_steps
+    # Views 3 and 4 run as many steps as the trainer, timed in windows of its logging
+    # interval (one wait per window, as its logging has), so that a drift over a run of
+    # this length (clocks, power) shows in them too and the medians compare like for like.
+    def windowed(next_batch):
+        nonlocal state
+        times = []
+        for _ in range(max(args.steps // args.log_every, 1)):
+            t = time.perf_counter()
+            for _ in range(args.log_every):
+                state, metrics = setup.p_train_step(state, next_batch())
+            jax.block_until_ready(metrics)
+            times.append((time.perf_counter() - t) / args.log_every)
+        return times
 
-    t = time.perf_counter()
-    for _ in range(args.time_steps):
-        state, metrics = setup.p_train_step(
-            state, shard_lib.make_global_batch(next(train_iter), setup.mesh))
-    jax.block_until_ready(metrics)
-    data_loop = (time.perf_counter() - t) / args.time_steps
+    pipelined_windows = windowed(lambda: batch)
+    data_windows = windowed(lambda: shard_lib.make_global_batch(next(train_iter), setup.mesh))
+    pipelined, data_loop = _median(pipelined_windows), _median(data_windows)
     train_iter.close()
 
     audio_s = int(config.train.batch_size) * setup.num_samples / setup.generator.config.sampling_rate
@@ -143,12 +147,13 @@ def main(argv=None) -> int:
         batch=int(config.train.batch_size), num_samples=setup.num_samples, audio_s_per_step=audio_s,
         trainer_wall_s=trainer_wall, trainer_windows=windows, trainer_step_s_median=trainer,
         step_first_call_s=first_call, step_synced_s_median=_median(synced),
-        step_pipelined_s=pipelined, data_loop_s=data_loop)
+        step_pipelined_s=pipelined, data_loop_s=data_loop,
+        step_pipelined_windows=pipelined_windows, data_loop_windows=data_windows)
     print("\nsame program, same process (median s/step; audio-s/s):")
     for label, value in (("1 trainer loop (metrics.jsonl windows)", trainer),
                          ("2 step alone, synchronised", result["step_synced_s_median"]),
-                         ("3 step alone, pipelined", pipelined),
-                         ("4 input pipeline + step, nothing else", data_loop)):
+                         ("3 step alone, pipelined (windows)", pipelined),
+                         ("4 input pipeline + step (windows)", data_loop)):
         print(f"  {label:40s} {value * 1e3:7.1f} ms  {audio_s / value:7.1f}")
     print(f"  trainer / step alone (synchronised): {trainer / result['step_synced_s_median']:.3f}; "
           f"/ pipelined: {trainer / pipelined:.3f}; cache-loaded first call {first_call:.1f} s")
