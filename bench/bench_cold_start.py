@@ -91,7 +91,9 @@ def measure_phases(config_name: str, overrides: list[str], until: str = "eval",
                    out_shardings=setup.state_shardings)
     with setup.init_lowering():  # as TrainingSetup.init_state compiles it
         lowered = phases.run("state init: trace + lower", lambda: init.lower(seed_rng))
-        compiled_init = phases.run("state init: XLA compile", lowered.compile)
+        compiled_init = phases.run(
+            "state init: XLA compile",
+            lambda: lowered.compile(compiler_options=setup.init_compiler_options() or None))
     state = phases.run("state init: run",
                        lambda: jax.block_until_ready(compiled_init(seed_rng)))
     result = dict(config=config_name, overrides=overrides, phases=phases.rows,

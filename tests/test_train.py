@@ -7,6 +7,7 @@ compiled once for the whole module (and by the SIGTERM subprocess only loaded).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -888,6 +889,69 @@ def test_state_initialiser_lowers_threefry_to_the_gpu_kernel_as_configured(kerne
     assert setup.init_state() == "state"
     assert seen == [kernel]
     assert jax.config.jax_threefry_gpu_kernel_lowering is False
+
+
+@pytest.mark.parametrize("fast", [True, False])
+def test_state_initialiser_compiles_at_llvm_level_0_on_the_cpu_as_configured(fast, monkeypatch):
+    """`train.fast_init_compile` (default on) compiles the state initialiser with LLVM
+    optimisation level 0 on the CPU: it runs once, so only its compile time counts
+    (tiny config, 2-core VM: 9.0 s instead of 14.2 s, BENCHMARKS §5). Off, or on another
+    backend, the initialiser gets XLA's default options."""
+    from codec_jax.training import state as ts
+
+    setup = trainer.create_training_setup(tiny_config("", train__fast_init_compile=fast))
+    expected = {"xla_backend_optimization_level": 0} if fast else {}
+    assert setup.init_compiler_options() == expected
+    seen = []
+    monkeypatch.setattr(ts, "create_sharded_state", lambda *a, **k: (
+        seen.append(k.get("compiler_options")), ("state", None))[1])
+    assert setup.init_state() == "state"
+    assert seen == [expected]
+
+    class FakeDevice:
+        platform = "gpu"
+
+    class FakeMesh:
+        devices = np.array([FakeDevice()])
+
+    gpu_setup = dataclasses.replace(setup, mesh=FakeMesh())
+    assert gpu_setup.init_compiler_options() == {}
+
+
+@pytest.mark.slow
+def test_state_initialiser_at_llvm_level_0_builds_the_same_state():
+    """The level-0 initialiser's state equals the default-compiled one: every integer and
+    codebook array bit for bit, floats within float32 rounding (a reduction may be summed in
+    another order), and the options are really passed to XLA's compile."""
+    from codec_jax.training import state as ts
+
+    setup = trainer.create_training_setup(tiny_config(""))
+    options = setup.init_compiler_options()
+    assert options == {"xla_backend_optimization_level": 0}
+    seen = []
+    real_compile = jax.stages.Lowered.compile
+
+    def spy(self, *args, **kwargs):
+        seen.append(kwargs.get("compiler_options"))
+        return real_compile(self, *args, **kwargs)
+
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(jax.stages.Lowered, "compile", spy)
+        fast = setup.init_state()
+    assert options in seen
+    default, _ = ts.create_sharded_state(setup.init_fn, int(setup.config.train.seed), setup.mesh,
+                                         int(setup.config.mesh.fsdp_min_size))
+    fast_leaves = jax.tree_util.tree_leaves_with_path(jax.device_get(fast))
+    default_leaves = jax.tree_util.tree_leaves(jax.device_get(default))
+    assert len(fast_leaves) == len(default_leaves) > 100
+    for (path, a), b in zip(fast_leaves, default_leaves):
+        a, b = np.asarray(a), np.asarray(b)
+        assert a.dtype == b.dtype and a.shape == b.shape, path
+        if np.issubdtype(a.dtype, np.floating):
+            scale = max(float(np.max(np.abs(b))), 1e-30) if b.size else 1.0
+            np.testing.assert_allclose(a, b, rtol=0, atol=2e-7 * scale, err_msg=str(path))
+        else:
+            np.testing.assert_array_equal(a, b, err_msg=str(path))
 
 
 def test_compilation_cache_defaults_to_the_workdir():

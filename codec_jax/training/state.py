@@ -109,7 +109,8 @@ def abstract_with_shardings(abstract_state: Any, shardings: Any) -> Any:
 
 
 def create_sharded_state(init_fn: Callable[..., TrainState], seed: int, mesh: Mesh,
-                         min_size: int, gen_params: Optional[Any] = None
+                         min_size: int, gen_params: Optional[Any] = None,
+                         compiler_options: Optional[dict[str, Any]] = None
                          ) -> tuple[TrainState, TrainState]:
     """Create the state directly in its sharded layout: `(state, shardings)`.
 
@@ -117,19 +118,24 @@ def create_sharded_state(init_fn: Callable[..., TrainState], seed: int, mesh: Me
     `jit(init, out_shardings=...)` materialises each shard on its device, so no device
     ever holds a full unsharded copy of a large tensor.
     `gen_params` (host arrays, optional) are placed with the generator parameters'
-    shardings first, one shard at a time.
+    shardings first, one shard at a time. `compiler_options` (XLA debug options, e.g.
+    `{"xla_backend_optimization_level": 0}`) are passed to the initialiser's compile.
     """
     seed_rng = rng_from_seed(seed)
     abstract = jax.eval_shape(init_fn, seed_rng)
     shardings = state_shardings(abstract, mesh, min_size)
     replicated = shard_lib.replicated(mesh)
     if gen_params is None:
-        state = jax.jit(init_fn, in_shardings=(replicated,), out_shardings=shardings)(seed_rng)
-        return state, shardings
-    gen_params = place_on_mesh(gen_params, abstract.gen_params, shardings.gen_params)
-    state = jax.jit(init_fn, in_shardings=(replicated, shardings.gen_params),
-                    out_shardings=shardings)(seed_rng, gen_params)
-    return state, shardings
+        init = jax.jit(init_fn, in_shardings=(replicated,), out_shardings=shardings)
+        args = (seed_rng,)
+    else:
+        gen_params = place_on_mesh(gen_params, abstract.gen_params, shardings.gen_params)
+        init = jax.jit(init_fn, in_shardings=(replicated, shardings.gen_params),
+                       out_shardings=shardings)
+        args = (seed_rng, gen_params)
+    if compiler_options:
+        return init.lower(*args).compile(compiler_options=compiler_options)(*args), shardings
+    return init(*args), shardings
 
 
 def place_on_mesh(host_tree: Any, abstract_tree: Any, shardings: Any) -> Any:
