@@ -8,11 +8,13 @@ compilation cache, so it is compiled once):
      `codec-jax train` runs it; its step time from `metrics.jsonl` (each logging window,
      the window with the compilation left out by the trainer itself);
   2. step alone, synchronised: one device-resident batch, `block_until_ready` after every
-     step (what `bench_cold_start.py --time-steps` and `bench_train.py` time);
-  3. step alone, pipelined: the same, K steps dispatched back to back, one wait at the end
-     (the best any Python loop over this program can do);
+     step (what `bench_cold_start.py --time-steps` times), `--time-steps` steps;
+  3. step alone, pipelined: the same batch, as many steps as the trainer ran, dispatched
+     back to back with one wait per logging window (what `bench_train.py` times: the
+     best any Python loop over this program can do);
   4. bare data loop: the trainer's input iterator and `make_global_batch` feeding the step,
-     nothing else (no metric reads, no skip checks): the input pipeline's share of the gap.
+     nothing else (no metric reads, no skip checks), windowed as 3: the input pipeline's
+     share of the gap.
 
     python bench/bench_loop_vs_step.py --source-dir AUDIO_FOLDER --workdir /tmp/lvs \\
         --config snac_24khz --steps 600 --json out.json
