@@ -179,8 +179,9 @@ def base_config(preset: str, *, batch_size: int = 16, crop_seconds: float = 1.0,
         # H200: 4 s of compile instead of 129 s). The train step is not affected.
         # No effect on other backends.
         threefry_gpu_kernel_init=True,
-        # Compile the state initialiser with LLVM optimisation level 0 on the CPU: it runs
-        # once, so its code's speed does not matter (tiny config: 9 s of compile, not 14 s).
+        # Compile the state initialiser with LLVM optimisation level 0 on the CPU: it
+        # runs once, so its code's speed does not matter (tiny config: ~10 s of compile,
+        # not ~15 s).
         fast_init_compile=True,
         # Exit status of `codec-jax train` after a SIGTERM (preemption) save: non-zero,
         # so that a scheduler restarts the job instead of marking it done.

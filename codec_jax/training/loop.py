@@ -230,10 +230,10 @@ class TrainingSetup:
 
         With `train.fast_init_compile`, on the CPU: LLVM optimisation level 0. The
         initialiser runs once, so optimising its machine code only costs compile time
-        (tiny config, 2-core VM: 9.0 s of compile instead of 14.2 s, BENCHMARKS §5). The
-        code generator's level changes how fast XLA's program runs, not what it computes,
-        though a reduction in it (the weight-norm magnitudes) may be summed in another
-        order. Other backends get no options: not measured there.
+        (tiny config, 2-core VM: 9.3-10.4 s of compile instead of 13.9-16.4 s,
+        BENCHMARKS §5). The code generator's level changes how fast XLA's program runs,
+        not what it computes, though a reduction in it (the weight-norm magnitudes) may
+        be summed in another order. Other backends get no options: not measured there.
         """
         platform = self.mesh.devices.flat[0].platform
         if bool(self.config.train.get("fast_init_compile", True)) and platform == "cpu":
