@@ -65,6 +65,8 @@ def main(argv=None) -> int:
     p.add_argument("--log-every", type=int, default=50)
     p.add_argument("--time-steps", type=int, default=100, help="steps per step-alone view")
     p.add_argument("--json", default=None)
+    p.add_argument("--trainer-only", action="store_true",
+                   help="view 1 only (A/B of trainer variants against one full run)")
     args = p.parse_args(argv)
 
     import jax
@@ -102,6 +104,16 @@ def main(argv=None) -> int:
                 windows.append((int(row["step"]), float(row["train/perf/step_time_s"])))
     # The last window also holds the final checkpoint's save call; leave it out.
     timed = [t for step, t in windows if step < args.steps]
+    if args.trainer_only:
+        trainer = _median(timed)
+        result = dict(config=args.config, overrides=args.override,
+                      device=jax.devices()[0].device_kind, jax=jax.__version__,
+                      xla_flags=os.environ.get("XLA_FLAGS", ""), trainer_wall_s=trainer_wall,
+                      trainer_windows=windows, trainer_step_s_median=trainer)
+        print(f"\n1 trainer loop (metrics.jsonl windows): {trainer * 1e3:.1f} ms/step")
+        if args.json:
+            Path(args.json).write_text(json.dumps(result, indent=2))
+        return 0
 
     # ---- 2-4. the same program alone (loaded from the cache the trainer filled) ----
     loop.enable_compilation_cache(str(cache_dir))
