@@ -4,7 +4,7 @@ For one preset, batch, clip length and dtype it compiles `codec_jax.decode` once
 variant, in one process on one device, and reports the first call (compilation included),
 the compiled program's peak memory (XLA's memory analysis: arguments + outputs +
 temporaries) and x real time (median of --repeats runs). A variant is
-`CONV_TRANSPOSE/POINTWISE/ROWS[/autotune=N]`:
+`CONV_TRANSPOSE/POINTWISE/ROWS[/KEY=VALUE,...]`:
 
 - CONV_TRANSPOSE: how the decoder's upsampling convs are lowered
   (`codec_jax.nn.layers.IMPL["conv_transpose"]`): `xla` or `polyphase`;
@@ -14,7 +14,9 @@ temporaries) and x real time (median of --repeats runs). A variant is
 - `+pallas` (or `+pallasTxW`: tile of T steps, W warps) runs the residual units as
   `codec_jax.nn.fused_residual`'s Triton kernel;
 - ROWS: `rows_per_call` of `codec_jax.decode`: `all`, `auto` or a number;
-- autotune=N: XLA's `xla_gpu_autotune_level` for this compilation only (default: XLA's).
+- KEY=VALUE[,KEY=VALUE]: XLA compile options for this compilation only, e.g.
+  `autotune=N` (`xla_gpu_autotune_level`) or `xla_gpu_experimental_max_unroll_factor=8`
+  (default: XLA's).
 
 `--trace VARIANT` also records one run of that variant with the JAX profiler and prints the
 device time per XLA operation (from the Perfetto trace), the longest first.
@@ -39,17 +41,29 @@ import time
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 
+def _option_value(text: str):
+    """An XLA compile option's value from its text: bool, int, or the string itself."""
+    if text.lower() in ("true", "false"):
+        return text.lower() == "true"
+    try:
+        return int(text)
+    except ValueError:
+        return text
+
+
 def parse_variant(text: str) -> dict:
     parts = text.split("/")
     if len(parts) not in (3, 4):
-        raise SystemExit(f"variant {text!r}: want CONV_TRANSPOSE/POINTWISE/ROWS[/autotune=N]")
+        raise SystemExit(f"variant {text!r}: want CONV_TRANSPOSE/POINTWISE/ROWS[/KEY=VALUE,...]")
     rows = None if parts[2] == "all" else ("auto" if parts[2] == "auto" else int(parts[2]))
     options = {}
     if len(parts) == 4:
-        key, _, value = parts[3].partition("=")
-        if key != "autotune":
-            raise SystemExit(f"variant {text!r}: the 4th part is autotune=N")
-        options["xla_gpu_autotune_level"] = int(value)
+        for item in parts[3].split(","):
+            key, _, value = item.partition("=")
+            if not value:
+                raise SystemExit(f"variant {text!r}: the 4th part is KEY=VALUE[,KEY=VALUE]")
+            key = "xla_gpu_autotune_level" if key == "autotune" else key
+            options[key] = _option_value(value)
     flags = parts[1].split("+")
     pointwise, bf16_elementwise, jnp_sine = flags[0], "bf16ew" in flags, "jnpsin" in flags
     # +pallas: the fused residual unit kernel; +pallasTxW: with block_time T, W warps.
@@ -133,7 +147,11 @@ def main():
         t0 = time.perf_counter()
         lowered = codec_jax.decode.lower(variables, codes, config=config, dtype=args.dtype,
                                          rows_per_call=v["rows"])
-        compiled = lowered.compile(compiler_options=v["options"] or None)
+        try:
+            compiled = lowered.compile(compiler_options=v["options"] or None)
+        except Exception as e:  # an unknown or unsupported XLA option: report, go on
+            print(json.dumps(dict(variant=text, error=f"{type(e).__name__}: {e}"[:400])), flush=True)
+            continue
         out = jax.block_until_ready(compiled(variables, codes))
         first = time.perf_counter() - t0
         mem = compiled.memory_analysis()
