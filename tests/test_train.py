@@ -738,6 +738,30 @@ def test_loss_settings_reject_unknown_weights():
         LossSettings.from_config(c.losses, 16000)
 
 
+def test_fetch_history_stacks_on_device_and_keeps_every_step():
+    """The loop's interval fetch (one device-to-host copy per metric) gives the same host
+    values, dtypes and aggregate as copying each step's scalars on its own."""
+    import jax.numpy as jnp
+
+    from codec_jax.training import metrics as tm
+
+    history = [{"loss/mel": jnp.float32(1.5 * i), "skipped": jnp.int32(i % 2),
+                "consecutive_skips": jnp.int32(i)} for i in range(7)]
+    history[3]["loss/mel"] = jnp.float32(float("nan"))
+    fetched = tm.fetch_history(history)
+    plain = jax.device_get(history)
+    assert len(fetched) == len(plain) == 7
+    for got, want in zip(fetched, plain):
+        assert got.keys() == want.keys()
+        for key in want:
+            assert np.asarray(got[key]).dtype == np.asarray(want[key]).dtype
+            np.testing.assert_array_equal(got[key], want[key])
+    assert tm.aggregate(fetched) == tm.aggregate(plain) == {
+        "loss/mel": pytest.approx((0 + 1.5 + 3 + 6 + 7.5 + 9) / 6), "skipped": 3.0,
+        "consecutive_skips": 6.0}
+    assert tm.fetch_history([]) == []
+
+
 def test_metric_aggregation_and_progress_line():
     from codec_jax.training import metrics as tm
 

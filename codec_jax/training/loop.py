@@ -426,7 +426,7 @@ def _train(config: ml_collections.ConfigDict, workdir) -> dict[str, float]:
 
             if step % log_every == 0 or step == num_steps:
                 _check_skips(metrics, step, max_skips, checkpointer)
-                values = tm.aggregate(jax.device_get(history))
+                values = tm.aggregate(tm.fetch_history(history))
                 history = []
                 values.update(throughput.rates(step))
                 values.update(tm.device_memory())

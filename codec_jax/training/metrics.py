@@ -21,6 +21,7 @@ import time
 from typing import Any, Mapping, Optional, Sequence
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from etils import epath
 
@@ -53,6 +54,25 @@ def aggregate(history: Sequence[Mapping[str, Any]]) -> dict[str, float]:
             finite = values[np.isfinite(values)]
             out[key] = float(finite.mean()) if finite.size else float("nan")
     return out
+
+
+@jax.jit
+def _stack_steps(history: Sequence[Mapping[str, jax.Array]]) -> dict[str, jax.Array]:
+    # One small program per interval length (all but the last interval share it).
+    return jax.tree_util.tree_map(lambda *values: jnp.stack(values), *history)
+
+
+def fetch_history(history: Sequence[Mapping[str, jax.Array]]) -> list[dict[str, np.ndarray]]:
+    """An interval's per-step metric dicts (device scalars) as host values, for `aggregate`.
+
+    `jax.device_get(history)` copies every scalar of every step on its own: ~30 metrics x
+    100 steps are 3000 device-to-host copies while the accelerator waits for the next
+    step. Stacked on the device first, the interval is one copy per metric.
+    """
+    if not history:
+        return []
+    stacked = jax.device_get(_stack_steps(list(history)))
+    return [{key: values[i] for key, values in stacked.items()} for i in range(len(history))]
 
 
 def device_memory() -> dict[str, float]:
