@@ -27,6 +27,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from bench.xla_options import parse_options  # noqa: E402
+
 
 def variant_options(variant: str) -> dict:
     """The XLA compile options a variant names (see the module docstring)."""
@@ -34,15 +36,7 @@ def variant_options(variant: str) -> dict:
         return {}
     if variant.lstrip("-").isdigit():
         return {"xla_backend_optimization_level": int(variant)}
-    options = {}
-    for item in variant.split(","):
-        key, _, value = item.partition("=")
-        if not value:
-            raise SystemExit(f"variant {variant!r}: want default, N or KEY=VALUE[,KEY=VALUE]")
-        lowered = value.lower()
-        options[key] = (lowered == "true" if lowered in ("true", "false")
-                        else int(value) if value.lstrip("-").isdigit() else value)
-    return options
+    return parse_options(variant)
 
 
 def measure(config_name: str, programs: list[str], variant: str, steps: int) -> list[dict]:

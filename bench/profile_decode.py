@@ -40,15 +40,7 @@ import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
-
-def _option_value(text: str):
-    """An XLA compile option's value from its text: bool, int, or the string itself."""
-    if text.lower() in ("true", "false"):
-        return text.lower() == "true"
-    try:
-        return int(text)
-    except ValueError:
-        return text
+from bench.xla_options import parse_options  # noqa: E402
 
 
 def parse_variant(text: str) -> dict:
@@ -56,14 +48,8 @@ def parse_variant(text: str) -> dict:
     if len(parts) not in (3, 4):
         raise SystemExit(f"variant {text!r}: want CONV_TRANSPOSE/POINTWISE/ROWS[/KEY=VALUE,...]")
     rows = None if parts[2] == "all" else ("auto" if parts[2] == "auto" else int(parts[2]))
-    options = {}
-    if len(parts) == 4:
-        for item in parts[3].split(","):
-            key, _, value = item.partition("=")
-            if not value:
-                raise SystemExit(f"variant {text!r}: the 4th part is KEY=VALUE[,KEY=VALUE]")
-            key = "xla_gpu_autotune_level" if key == "autotune" else key
-            options[key] = _option_value(value)
+    options = (parse_options(parts[3], aliases={"autotune": "xla_gpu_autotune_level"})
+               if len(parts) == 4 else {})
     flags = parts[1].split("+")
     pointwise, bf16_elementwise, jnp_sine = flags[0], "bf16ew" in flags, "jnpsin" in flags
     # +pallas: the fused residual unit kernel; +pallasTxW: with block_time T, W warps.
