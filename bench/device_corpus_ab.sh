@@ -4,8 +4,9 @@
 #
 #   run(command="bash bench/device_corpus_ab.sh oldreader", carry=[".whl", ".gpu_audio"])
 #
-# VARIANT: the files under bench/ab_variants/VARIANT/ laid over a copy of this tree (an
-# untracked folder made for the A/B, e.g. from a results folder's variant_VARIANT.patch).
+# VARIANT: the files under bench/ab_variants/VARIANT/ laid over a copy of this tree
+# (`variant_tree` of bench/device_env.sh; an untracked folder made for the A/B, e.g. from
+# a results folder's variant_VARIANT.patch).
 # The corpus is the 4.43 h one of BENCHMARKS §7 (every klettres file and MUSIC_PIECES
 # Wesnoth pieces of 5-60 s), built from .gpu_audio/ as bench/device_session.sh describes.
 set -u
@@ -16,9 +17,8 @@ source bench/device_env.sh .whl
 REPO=$PWD
 python3 bench/make_corpus.py /tmp/bench_corpus --speech .gpu_audio/speech --speech-files 100000 \
   --music .gpu_audio/music --music-pieces "${MUSIC_PIECES:-400}" | tail -2
+variant_tree "$VARIANT" || exit 1
 tree_v=/tmp/ab_$VARIANT
-rm -rf "$tree_v" && mkdir -p "$tree_v" && cp -r codec_jax bench "$tree_v"/ \
-  && cp -r "bench/ab_variants/$VARIANT"/. "$tree_v"/ || exit 1
 for run in ${VARIANT}1 main1 ${VARIANT}2 main2; do
   tree=$REPO; [[ $run == main* ]] || tree=$tree_v
   echo "=== $run $(date -u +%H:%M:%S)"

@@ -12,3 +12,13 @@ python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upg
   --target /tmp/site "${_wheels[@]}" || exit 1
 export PYTHONPATH=$PWD:/tmp/site
 nvidia-smi --query-gpu=name,memory.total,clocks.sm --format=csv,noheader
+
+# variant_tree NAME: /tmp/ab_NAME, a copy of this tree's codec_jax/ and bench/ with the
+# files under bench/ab_variants/NAME/ laid over it (the variants of the A/B drivers,
+# bench/device_loop_ab.sh and bench/device_corpus_ab.sh); fails if that folder is missing.
+variant_tree() {
+  local tree=/tmp/ab_$1
+  [[ -d bench/ab_variants/$1 ]] || { echo "no bench/ab_variants/$1" >&2; return 1; }
+  rm -rf "$tree" && mkdir -p "$tree" && cp -r codec_jax bench "$tree"/ \
+    && cp -r "bench/ab_variants/$1"/. "$tree"/
+}

@@ -8,8 +8,9 @@
 # `full`: every view of bench_loop_vs_step on this tree (the first run on a machine compiles
 # the step and fills /tmp/lvs/xla_cache). Any other part NAME runs view 1 only (the trainer,
 # `--trainer-only`, step loaded from that cache): `main` on this tree, otherwise on a copy
-# of this tree with the files under bench/ab_variants/NAME/ laid over it (an untracked
-# folder made for the A/B; the results folder keeps each variant's patch). The runs share
+# of this tree with the files under bench/ab_variants/NAME/ laid over it (`variant_tree`
+# of bench/device_env.sh; an untracked folder made for the A/B, the results folder keeps
+# each variant's patch). The runs share
 # /tmp/lvs (dataset, XLA cache), so later calls must find the machine warm.
 # .gpu_audio/speech: the demo speech set (bench/device_session.sh says how it is made).
 set -u
@@ -26,10 +27,8 @@ for part in "$@"; do
     full) timeout "${FULL_SECONDS:-480}" python3 $LVS --json "$OUT/lvs_full.json" ;;
     main) timeout "${AB_SECONDS:-150}" python3 $LVS --trainer-only --json "$OUT/lvs_main.json" ;;
     *)
-      if [[ ! -d bench/ab_variants/$part ]]; then echo "no bench/ab_variants/$part" >&2; continue; fi
+      variant_tree "$part" || continue
       tree=/tmp/ab_$part
-      rm -rf "$tree" && mkdir -p "$tree" && cp -r codec_jax bench "$tree"/ \
-        && cp -r "bench/ab_variants/$part"/. "$tree"/
       (cd "$tree" && PYTHONPATH=$tree:/tmp/site timeout "${AB_SECONDS:-150}" \
         python3 $LVS --trainer-only --json "$OUT/lvs_$part.json") ;;
   esac 2>&1 | tee -a "$OUT/loop_ab.log" | grep -v "^\s*$" | tail -12
