@@ -104,12 +104,12 @@ def main(argv=None) -> int:
                 windows.append((int(row["step"]), float(row["train/perf/step_time_s"])))
     # The last window also holds the final checkpoint's save call; leave it out.
     timed = [t for step, t in windows if step < args.steps]
+    trainer = _median(timed)
+    result = dict(config=args.config, overrides=args.override,
+                  device=jax.devices()[0].device_kind, jax=jax.__version__,
+                  xla_flags=os.environ.get("XLA_FLAGS", ""), trainer_wall_s=trainer_wall,
+                  trainer_windows=windows, trainer_step_s_median=trainer)
     if args.trainer_only:
-        trainer = _median(timed)
-        result = dict(config=args.config, overrides=args.override,
-                      device=jax.devices()[0].device_kind, jax=jax.__version__,
-                      xla_flags=os.environ.get("XLA_FLAGS", ""), trainer_wall_s=trainer_wall,
-                      trainer_windows=windows, trainer_step_s_median=trainer)
         print(f"\n1 trainer loop (metrics.jsonl windows): {trainer * 1e3:.1f} ms/step")
         if args.json:
             Path(args.json).write_text(json.dumps(result, indent=2))
@@ -154,12 +154,8 @@ def main(argv=None) -> int:
     train_iter.close()
 
     audio_s = int(config.train.batch_size) * setup.num_samples / setup.generator.config.sampling_rate
-    trainer = _median(timed)
-    result = dict(
-        config=args.config, overrides=args.override, device=jax.devices()[0].device_kind,
-        jax=jax.__version__, xla_flags=os.environ.get("XLA_FLAGS", ""),
+    result.update(
         batch=int(config.train.batch_size), num_samples=setup.num_samples, audio_s_per_step=audio_s,
-        trainer_wall_s=trainer_wall, trainer_windows=windows, trainer_step_s_median=trainer,
         step_first_call_s=first_call, step_synced_s_median=_median(synced),
         step_pipelined_s=pipelined, data_loop_s=data_loop,
         step_pipelined_windows=pipelined_windows, data_loop_windows=data_windows)
