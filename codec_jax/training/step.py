@@ -285,14 +285,17 @@ def make_train_step(
         """
         values: dict[str, jax.Array] = {}
         if "mel" in recon_names:
-            values["mel"] = loss_settings.mel_loss(y, audio)
+            with jax.named_scope("mel_loss"):
+                values["mel"] = loss_settings.mel_loss(y, audio)
         if "stft" in recon_names:
-            values["stft"] = L.multi_resolution_stft_loss(
-                y, audio, fft_sizes=loss_settings.stft_fft_sizes).total
+            with jax.named_scope("stft_loss"):
+                values["stft"] = L.multi_resolution_stft_loss(
+                    y, audio, fft_sizes=loss_settings.stft_fft_sizes).total
         if "waveform" in recon_names:
             values["waveform"] = L.waveform_l1_loss(y, audio)
         if "adversarial" in recon_names or "feature_matching" in recon_names:
-            fake_out = disc_apply(disc_params, y)
+            with jax.named_scope("fake_features"):
+                fake_out = disc_apply(disc_params, y)
             if "adversarial" in recon_names:
                 values["adversarial"] = L.generator_adversarial_loss(
                     fake_out, kind=gan_kind, reduction=reduction)
@@ -318,7 +321,11 @@ def make_train_step(
                        levels_used=out.get("levels_used"))
             return (channels_to_batch(out["audio"].astype(jnp.float32)), vq), aux
 
-        (recon, vq_losses), gen_vjp, aux = jax.vjp(gen_forward, state.gen_params, has_aux=True)
+        # The named scopes mark the phases in profiles (op_name metadata; no effect on
+        # the computation): bench/profile_train_step.py adds device time up by them.
+        with jax.named_scope("generator_forward"):
+            (recon, vq_losses), gen_vjp, aux = jax.vjp(gen_forward, state.gen_params,
+                                                       has_aux=True)
 
         # 2. Discriminator update on the stopped-gradient reconstruction.
         fake = jax.lax.stop_gradient(recon)
@@ -328,14 +335,17 @@ def make_train_step(
             return L.discriminator_adversarial_loss(real_out, fake_out, kind=gan_kind,
                                                     reduction=reduction)
 
-        disc_loss, disc_grads = jax.value_and_grad(disc_loss_fn)(state.disc_params)
-        disc_updates, disc_opt_state = disc_tx.update(disc_grads, state.disc_opt_state,
-                                                      state.disc_params)
-        disc_params = optax.apply_updates(state.disc_params, disc_updates)
+        with jax.named_scope("discriminator_update"):
+            disc_loss, disc_grads = jax.value_and_grad(disc_loss_fn)(state.disc_params)
+            disc_updates, disc_opt_state = disc_tx.update(disc_grads, state.disc_opt_state,
+                                                          state.disc_params)
+            disc_params = optax.apply_updates(state.disc_params, disc_updates)
 
         # 3. Generator losses w.r.t. the reconstruction, against the updated discriminator.
         needs_real = "feature_matching" in recon_names
-        real_out = (jax.lax.stop_gradient(disc_apply(disc_params, audio)) if needs_real else None)
+        with jax.named_scope("real_features"):
+            real_out = (jax.lax.stop_gradient(disc_apply(disc_params, audio)) if needs_real
+                        else None)
         metrics: Metrics = {}
         new_balancer = state.balancer
         if balancer is not None:
@@ -343,7 +353,9 @@ def make_train_step(
             # XLA shares the common parts (the discriminator forward) between them.
             fns = {name: (lambda y, name=name: recon_losses(y, audio, disc_params, real_out)[name])
                    for name in recon_names}
-            recon_grad, new_balancer, bal_metrics = balancer.balance_losses(fns, recon, state.balancer)
+            with jax.named_scope("generator_losses"):
+                recon_grad, new_balancer, bal_metrics = balancer.balance_losses(
+                    fns, recon, state.balancer)
             values = {k[len("loss/"):]: v for k, v in bal_metrics.items() if k.startswith("loss/")}
             metrics.update({f"balancer/{k}": v for k, v in bal_metrics.items()
                             if not k.startswith("loss/")})
@@ -351,11 +363,15 @@ def make_train_step(
             def weighted(y):
                 vals = recon_losses(y, audio, disc_params, real_out)
                 return L.weighted_loss_sum(vals, w), vals
-            (_, values), recon_grad = jax.value_and_grad(weighted, has_aux=True)(recon)
+            with jax.named_scope("generator_losses"):
+                (_, values), recon_grad = jax.value_and_grad(weighted, has_aux=True)(recon)
         vq_cotangent = {name: jnp.float32(w.get(name, 0.0)) for name in QUANTIZER_LOSSES}
-        (gen_grads,) = gen_vjp((recon_grad.astype(recon.dtype), vq_cotangent))
-        gen_updates, gen_opt_state = gen_tx.update(gen_grads, state.gen_opt_state, state.gen_params)
-        gen_params = optax.apply_updates(state.gen_params, gen_updates)
+        with jax.named_scope("generator_backward"):
+            (gen_grads,) = gen_vjp((recon_grad.astype(recon.dtype), vq_cotangent))
+        with jax.named_scope("generator_update"):
+            gen_updates, gen_opt_state = gen_tx.update(gen_grads, state.gen_opt_state,
+                                                       state.gen_params)
+            gen_params = optax.apply_updates(state.gen_params, gen_updates)
 
         gen_total = L.weighted_loss_sum({**values, **vq_losses},
                                         {**w, **{k: w.get(k, 0.0) for k in QUANTIZER_LOSSES}})
