@@ -28,8 +28,6 @@ device time per XLA operation (from the Perfetto trace), the longest first.
 from __future__ import annotations
 
 import argparse
-import collections
-import glob
 import gzip
 import json
 import os
@@ -40,6 +38,7 @@ import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
+from bench.trace_ops import device_time_by_op  # noqa: E402
 from bench.xla_options import parse_options  # noqa: E402
 
 
@@ -63,37 +62,6 @@ def parse_variant(text: str) -> dict:
                 snake_sine="jnp" if jnp_sine else "polynomial",
                 residual_unit="pallas" if pallas else "xla", tuning=tuning, rows=rows,
                 options=options)
-
-
-def device_time_by_op(trace_dir: str, top: int) -> list[tuple[str, float, int]]:
-    """(op name, total device milliseconds, calls) from a Perfetto trace, longest first.
-
-    Device events are those of processes whose name mentions a GPU/TPU device; the op is
-    the event's `hlo_op` argument where there is one (XLA's name), else the kernel name."""
-    files = glob.glob(os.path.join(trace_dir, "**", "perfetto_trace.json.gz"), recursive=True)
-    if not files:
-        print(f"no perfetto trace under {trace_dir}")
-        return []
-    with gzip.open(files[0], "rt") as f:
-        trace = json.load(f)
-    events = trace["traceEvents"] if isinstance(trace, dict) else trace
-    device_pids = {e["pid"] for e in events if e.get("ph") == "M" and e.get("name") == "process_name"
-                   and any(k in str(e.get("args", {}).get("name", "")) for k in ("GPU", "TPU", "gpu"))}
-    if not device_pids:
-        names = [e.get("args", {}).get("name") for e in events
-                 if e.get("ph") == "M" and e.get("name") == "process_name"]
-        print(f"no device process in the trace; processes: {names[:12]}")
-    total = collections.defaultdict(float)
-    calls = collections.Counter()
-    for e in events:
-        if e.get("ph") != "X" or e.get("pid") not in device_pids:
-            continue
-        args = e.get("args", {})
-        name = args.get("hlo_op") or args.get("long_name") or e.get("name", "?")
-        total[name] += float(e.get("dur", 0)) / 1000.0
-        calls[name] += 1
-    rows = sorted(((n, ms, calls[n]) for n, ms in total.items()), key=lambda r: -r[1])
-    return rows[:top] if top else rows
 
 
 def main():
