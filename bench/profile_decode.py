@@ -12,7 +12,8 @@ temporaries) and x real time (median of --repeats runs). A variant is
   activation dtype op by op (the code before issue 16) instead of float32; `+jnpsin`
   computes Snake's sin^2 with `jnp.sin` instead of `layers.sin_squared`;
 - `+pallas` (or `+pallasTxW`: tile of T steps, W warps) runs the residual units as
-  `codec_jax.nn.fused_residual`'s Triton kernel;
+  `codec_jax.nn.fused_residual`'s Triton kernel; `+stack` (`+stackTxW`) runs each block's
+  three units as its stack form (`fused_residual_stack`);
 - ROWS: `rows_per_call` of `codec_jax.decode`: `all`, `auto` or a number;
 - KEY=VALUE[,KEY=VALUE]: XLA compile options for this compilation only, e.g.
   `autotune=N` (`xla_gpu_autotune_level`) or `xla_gpu_experimental_max_unroll_factor=8`
@@ -51,16 +52,18 @@ def parse_variant(text: str) -> dict:
                if len(parts) == 4 else {})
     flags = parts[1].split("+")
     pointwise, bf16_elementwise, jnp_sine = flags[0], "bf16ew" in flags, "jnpsin" in flags
-    # +pallas: the fused residual unit kernel; +pallasTxW: with block_time T, W warps.
-    pallas = [f for f in flags if f.startswith("pallas")]
+    # +pallas: the fused residual unit kernel; +pallasTxW: with block_time T, W warps;
+    # +stack, +stackTxW: the stack form (`fused_residual_stack`: a block's three units).
+    pallas = [f for f in flags if f.startswith(("pallas", "stack"))]
     tuning = {}
-    if pallas and pallas[0] != "pallas":
-        block_time, _, warps = pallas[0][len("pallas"):].partition("x")
+    kind = "pallas_stack" if pallas and pallas[0].startswith("stack") else "pallas"
+    if pallas and pallas[0] not in ("pallas", "stack"):
+        block_time, _, warps = pallas[0][len(kind.split("_")[-1]):].partition("x")
         tuning = {"block_time": int(block_time), "num_warps": int(warps)}
     return dict(name=text, conv_transpose=parts[0], pointwise=pointwise,
                 elementwise_f32=not bf16_elementwise,
                 snake_sine="jnp" if jnp_sine else "polynomial",
-                residual_unit="pallas" if pallas else "xla", tuning=tuning, rows=rows,
+                residual_unit=kind if pallas else "xla", tuning=tuning, rows=rows,
                 options=options)
 
 
@@ -98,6 +101,7 @@ def main():
                             elementwise_f32=v["elementwise_f32"], snake_sine=v["snake_sine"],
                             residual_unit=v["residual_unit"])
         fused_residual.TUNING.update(fused_residual.DEFAULT_TUNING, **v["tuning"])
+        fused_residual.STACK_TUNING.update(fused_residual.DEFAULT_STACK_TUNING, **v["tuning"])
         t0 = time.perf_counter()
         lowered = codec_jax.decode.lower(variables, codes, config=config, dtype=args.dtype,
                                          rows_per_call=v["rows"])

@@ -122,3 +122,98 @@ def test_supported_shapes():
     assert not fr.supported((2**16, 2**12, 128), jnp.bfloat16, 7, 128, any_backend=True)  # int32
     if jax.default_backend() != "gpu":
         assert not fr.supported((2, 100, 96), jnp.bfloat16, 7, 96)  # Triton needs a GPU
+
+
+# ------------------------------------------------------------- the stack form (3 units)
+@pytest.mark.parametrize("channels,steps", [(24, 100), (40, 77)])
+def test_stack_is_the_xla_units(channels, steps):
+    """Three units (dilations 1, 3, 9; each kernel takes its first Snake precomputed and
+    writes the next unit's) give the XLA path's three units: padded channels, halos across
+    tile borders, a length off the tile grid, a row shorter than the batch."""
+    x = jax.random.normal(jax.random.key(channels), (2, steps, channels)).astype(jnp.bfloat16)
+    units = tuple(_weights(channels, seed) for seed in range(3))
+    for valid in (None, jnp.array([steps, steps // 3], jnp.int32)):
+        want = fr.residual_stack_reference(x, units, (1, 3, 9), valid)
+        got = fr.fused_residual_stack(x, units, (1, 3, 9), valid, block_time=32, interpret=True)
+        assert got.shape == want.shape and got.dtype == jnp.bfloat16
+        assert float(jnp.abs(want.astype(jnp.float32)).max()) > 1.0
+        assert _bf16_ulps(got, want) <= 2.0
+        assert np.mean(np.asarray(got) == np.asarray(want)) > 0.99
+        # A control: the units in another order are another function.
+        other = fr.residual_stack_reference(x, units[::-1], (1, 3, 9), valid)
+        assert np.mean(np.asarray(got) == np.asarray(other)) < 0.5
+
+
+def test_stack_short_rows_see_zeros_beyond_their_end():
+    channels, steps, valid = 24, 90, 50
+    units = tuple(_weights(channels, seed) for seed in (4, 5))
+    x = jax.random.normal(jax.random.key(3), (1, steps, channels)).astype(jnp.bfloat16)
+    garbage = x.at[:, valid:].set(jnp.bfloat16(50.0))
+    run = lambda x, v: fr.fused_residual_stack(x, units, (3, 9), v, block_time=32,
+                                               interpret=True)
+    a, b = run(x, jnp.array([valid])), run(garbage, jnp.array([valid]))
+    alone = run(x[:, :valid], None)
+    np.testing.assert_array_equal(np.asarray(a[:, :valid]), np.asarray(b[:, :valid]))
+    np.testing.assert_array_equal(np.asarray(a[:, :valid]), np.asarray(alone))
+
+
+@pytest.mark.slow
+def test_stack_gradients_are_the_xla_units():
+    channels = 16
+    x = jax.random.normal(jax.random.key(4), (2, 40, channels)).astype(jnp.bfloat16)
+    units = tuple(_weights(channels, seed) for seed in (6, 7))
+    valid = jnp.array([40, 25], jnp.int32)
+    probe = jax.random.normal(jax.random.key(5), x.shape)
+
+    def loss(fn, x, units):
+        return jnp.sum(fn(x, units).astype(jnp.float32) * probe)
+
+    fused = lambda x, u: fr.fused_residual_stack(x, u, (1, 9), valid, block_time=16,
+                                                 interpret=True)
+    xla = lambda x, u: fr.residual_stack_reference(x, u, (1, 9), valid)
+    got = jax.grad(lambda *a: loss(fused, *a), argnums=(0, 1))(x, units)
+    want = jax.grad(lambda *a: loss(xla, *a), argnums=(0, 1))(x, units)
+    for g, h in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+        np.testing.assert_allclose(np.asarray(g, np.float32), np.asarray(h, np.float32),
+                                   rtol=1e-5, atol=1e-5)
+    assert float(jnp.abs(got[0].astype(jnp.float32)).max()) > 0.1
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("block", ["decoder", "encoder"])
+def test_blocks_run_the_stack_from_their_parameters(block, monkeypatch):
+    """A decoder block (transposed conv, then the stack) and an encoder block (the stack,
+    then Snake and the strided conv) under residual_unit="pallas_stack_interpret" take each
+    unit's weights from its own parameters and give the XLA path's output."""
+    calls = []
+    stack = fr.fused_residual_stack
+    monkeypatch.setattr(fr, "fused_residual_stack",
+                        lambda *a, **k: calls.append(a[0].shape) or stack(*a, **k))
+    saved = dict(layers.IMPL)
+    try:
+        if block == "decoder":
+            module = layers.DecoderBlock(features=32, stride=2, groups=32, dtype=jnp.bfloat16)
+            x = jax.random.normal(jax.random.key(1), (2, 40, 48))
+            valid = jnp.array([40, 23])
+        else:
+            module = layers.EncoderBlock(features=48, stride=2, groups=32, dtype=jnp.bfloat16)
+            x = jax.random.normal(jax.random.key(1), (2, 80, 32))
+            valid = jnp.array([80, 47])
+        layers.set_lowering(residual_unit="xla")
+        params = module.init(jax.random.key(0), x)
+        # Every parameter off its initial value, so that one read from the wrong unit shows.
+        leaves, tree = jax.tree.flatten(params)
+        keys = jax.random.split(jax.random.key(7), len(leaves))
+        params = jax.tree.unflatten(tree, [p + 0.1 * jax.random.normal(k, p.shape)
+                                           for p, k in zip(leaves, keys)])
+        want = module.apply(params, x, valid)
+        layers.set_lowering(residual_unit="pallas_stack_interpret")
+        got = module.apply(params, x, valid)
+        # The parameters the stack reads are the ones init made: same tree either way.
+        assert jax.tree.structure(module.init(jax.random.key(0), x)) == tree
+    finally:
+        layers.set_lowering(**saved)
+    assert len(calls) == 1  # the kernels ran (once: the stack of the block's 3 units)
+    assert got.shape == want.shape
+    assert _bf16_ulps(got, want) <= 2.0
+    assert np.mean(np.asarray(got) == np.asarray(want)) > 0.99

@@ -32,13 +32,17 @@ Array = jax.Array
 # - "snake_sine": Snake's sin^2 as "polynomial" (`sin_squared`) or "jnp" (`jnp.sin`);
 # - "residual_unit": "xla" (the modules below) or "pallas" (`fused_residual`: one Triton
 #   kernel per depthwise bfloat16 unit of <= 256 channels on a GPU, the XLA path
-#   elsewhere; measured 2.3x slower than "xla", hence not the default); "pallas_interpret"
-#   runs that kernel in Pallas's interpreter on any backend (slow: for tests).
+#   elsewhere; measured 2.3x slower than "xla", hence not the default); "pallas_stack"
+#   (`fused_residual.fused_residual_stack`: a block's three units, each one Triton kernel
+#   that takes its first Snake precomputed and writes the next unit's; not measured on a
+#   GPU yet, hence not the default); the "_interpret" forms run those kernels in Pallas's
+#   interpreter on any backend (slow: for tests).
 IMPL = {"conv_transpose": "polyphase", "pointwise": "dot", "elementwise_f32": True,
         "snake_sine": "polynomial", "residual_unit": "xla"}
 _IMPL_CHOICES = {"conv_transpose": ("polyphase", "xla"), "pointwise": ("dot", "conv"),
                  "elementwise_f32": (True, False), "snake_sine": ("polynomial", "jnp"),
-                 "residual_unit": ("xla", "pallas", "pallas_interpret")}
+                 "residual_unit": ("xla", "pallas", "pallas_interpret", "pallas_stack",
+                                   "pallas_stack_interpret")}
 
 
 def set_lowering(**choices) -> None:
@@ -369,7 +373,7 @@ class ResidualUnit(nn.Module):
         """x `[batch, time, dim]`; `valid` int `[batch]`: steps of each row that hold signal
         (the dilated conv sees zeros beyond them, as in the row's own padding); None: all."""
         dim = x.shape[-1]
-        if IMPL["residual_unit"] != "xla" and not self.is_initializing():
+        if IMPL["residual_unit"] in ("pallas", "pallas_interpret") and not self.is_initializing():
             fused = self._fused(x, valid)
             if fused is not None:
                 return fused
@@ -395,17 +399,36 @@ class ResidualUnit(nn.Module):
         if not fused_residual.supported(x.shape, self.dtype, self.kernel_size, self.groups,
                                         any_backend=interpret):
             return None
-        p = self.variables["params"]
-
-        def kernel(conv):  # the weight-normed `[kernel, in/groups, out]`, as WNConv1d makes it
-            return weight_norm(p[conv]["direction"], p[conv]["magnitude"], norm_axes=(0, 1),
-                               mag_axis=2)
-
         return fused_residual.fused_residual_unit(
-            x.astype(self.dtype), p["snake_1"]["alpha"], kernel("conv_dilated")[:, 0, :],
-            p["conv_dilated"]["bias"], p["snake_2"]["alpha"], kernel("conv_pointwise")[0],
-            p["conv_pointwise"]["bias"], self.dilation, valid, interpret=interpret,
-            **fused_residual.TUNING)
+            x.astype(self.dtype), *fused_residual.unit_weights(self.variables["params"]),
+            self.dilation, valid, interpret=interpret, **fused_residual.TUNING)
+
+
+DILATIONS = (1, 3, 9)  # of a block's three residual units
+
+
+def residual_units(block: nn.Module, x: Array, valid: Optional[Array], groups: int,
+                   **kw) -> Array:
+    """A block's residual units (`res_unit_0..2`, dilations 1, 3, 9) on x `[batch, time,
+    dim]`, called from `block`'s compact method (the units are its submodules).
+
+    Under residual_unit="pallas_stack" (and where `fused_residual` supports the shape) the
+    three run as `fused_residual_stack` from their parameters, without calling the units."""
+    if (IMPL["residual_unit"] in ("pallas_stack", "pallas_stack_interpret")
+            and not block.is_initializing()):
+        from codec_jax.nn import fused_residual
+
+        interpret = IMPL["residual_unit"] == "pallas_stack_interpret"
+        if fused_residual.supported(x.shape, block.dtype, 7, groups, any_backend=interpret):
+            params = block.variables["params"]
+            units = tuple(fused_residual.unit_weights(params[f"res_unit_{i}"])
+                          for i in range(len(DILATIONS)))
+            return fused_residual.fused_residual_stack(
+                x.astype(block.dtype), units, DILATIONS, valid, interpret=interpret,
+                **fused_residual.STACK_TUNING)
+    for i, dilation in enumerate(DILATIONS):
+        x = ResidualUnit(dilation, groups=groups, name=f"res_unit_{i}", **kw)(x, valid)
+    return x
 
 
 class EncoderBlock(nn.Module):
@@ -423,8 +446,7 @@ class EncoderBlock(nn.Module):
         """x `[batch, time, in]` -> `[batch, time // stride, features]`; `valid` `[batch]`
         counts each row's valid input steps (None: all), see `ResidualUnit`."""
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype, precision=self.precision)
-        for i, dilation in enumerate((1, 3, 9)):
-            x = ResidualUnit(dilation, groups=self.groups, name=f"res_unit_{i}", **kw)(x, valid)
+        x = residual_units(self, x, valid, self.groups, **kw)
         x = Snake(self.dtype, self.param_dtype, name="snake")(apply_mask(x, valid))
         return WNConv1d(self.features, 2 * self.stride, stride=self.stride,
                         padding=math.ceil(self.stride / 2), name="conv_down", **kw)(x)
@@ -509,9 +531,7 @@ class DecoderBlock(nn.Module):
         valid = None if valid is None else valid * self.stride
         if self.noise:
             x = NoiseBlock(self.steps_per_frame, name="noise", **kw)(x, frame_offsets)
-        for i, dilation in enumerate((1, 3, 9)):
-            x = ResidualUnit(dilation, groups=self.groups, name=f"res_unit_{i}", **kw)(x, valid)
-        return x
+        return residual_units(self, x, valid, self.groups, **kw)
 
 
 def rotary_frequencies(seq_len: int, head_dim: int) -> Array:
