@@ -217,3 +217,17 @@ def test_blocks_run_the_stack_from_their_parameters(block, monkeypatch):
     assert got.shape == want.shape
     assert _bf16_ulps(got, want) <= 2.0
     assert np.mean(np.asarray(got) == np.asarray(want)) > 0.99
+
+
+def test_kernels_lower_to_triton_for_the_gpu():
+    """Both kernels lower to Triton for a CUDA target from any host (JAX's cross-platform
+    lowering): every op in their bodies has a Triton lowering, which the interpreter runs
+    above do not check. Compiling the Triton code needs a GPU (bench/check_fused_residual.py)."""
+    channels = 96
+    x = jnp.zeros((2, 1000, channels), jnp.bfloat16)
+    units = tuple(_weights(channels, seed) for seed in range(3))
+    stack = jax.jit(lambda x, u: fr.fused_residual_stack(x, u, (1, 3, 9), None, block_time=64))
+    unit = jax.jit(lambda x, w: fr.fused_residual_unit(x, *w, 9, None, block_time=32))
+    for fn, args, kernels in ((stack, (x, units), 3), (unit, (x, units[0]), 1)):
+        text = fn.trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+        assert text.count("__gpu$xla.gpu.triton") == kernels
