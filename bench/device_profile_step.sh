@@ -2,7 +2,9 @@
 # Issue 15 item 2 on a lent H200: where the GAN train step's device time goes
 # (bench/profile_train_step.py: snac_24khz, 16 x 1 s, bf16), on this tree (`main`) or on
 # a variant (`variant_tree NAME` of bench/device_env.sh: this tree with the files under
-# bench/ab_variants/NAME/ laid over it), one after the other on one machine.
+# bench/ab_variants/NAME/ laid over it), one after the other on one machine. `dotgrad`:
+# this tree with the polyphase conv's weight gradient as matmuls (the CPU default; on the
+# GPU XLA's weight-gradient convolution is the default until this A/B says otherwise).
 #
 #   run(command="bash bench/device_profile_step.sh main", carry=[".whl"])
 #   run(command="bash bench/device_profile_step.sh main NAME", carry=[".whl"])
@@ -21,6 +23,8 @@ for part in "$@"; do
   case "$part" in
     main) timeout "${PART_SECONDS:-420}" python3 bench/profile_train_step.py $ARGS \
             --out "$OUT/profile_main" ;;
+    dotgrad) timeout "${PART_SECONDS:-420}" python3 bench/profile_train_step.py $ARGS \
+            --layers polyphase_weight_grad=dot --out "$OUT/profile_dotgrad" ;;
     *)
       variant_tree "$part" || continue
       tree=/tmp/ab_$part

@@ -92,6 +92,9 @@ def main(argv=None) -> int:
     p.add_argument("--dtype", default="bfloat16")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a key of the training config (repeatable)")
+    p.add_argument("--layers", nargs="*", default=[], metavar="KEY=VALUE",
+                   help="codec_jax lowering choices (codec_jax.nn.layers.IMPL), e.g. "
+                        "polyphase_weight_grad=conv")
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--steps", type=int, default=20, help="steps timed back to back")
     p.add_argument("--trace-steps", type=int, default=3)
@@ -100,6 +103,16 @@ def main(argv=None) -> int:
     p.add_argument("--out", default=None, help="folder for the JSON and the optimised HLO")
     args = p.parse_args(argv)
 
+    from codec_jax.nn import layers
+
+    choices = {}
+    for item in args.layers:
+        key, _, value = item.partition("=")
+        choices[key] = {"true": True, "false": False}.get(value.lower(), value)
+    try:
+        layers.set_lowering(**choices)
+    except ValueError as e:
+        raise SystemExit(f"--layers: {e}") from None
     device = jax.devices()[0]
     prepared = compile_gan_step(args.config, args.batch, args.seconds, args.dtype, [device],
                                 tuple(args.set))
@@ -145,7 +158,7 @@ def main(argv=None) -> int:
         top_ops.append(dict(op=name, ms_per_step=round(ms / n, 3), calls=calls // n,
                             kind=meta["kind"], op_name=meta["op_name"][:240]))
     result = dict(config=args.config, batch=args.batch, seconds=args.seconds, dtype=args.dtype,
-                  overrides=args.set, device=device.device_kind, step_ms=round(1000 * step_s, 2),
+                  overrides=args.set, layers=dict(layers.IMPL), device=device.device_kind, step_ms=round(1000 * step_s, 2),
                   audio_s_per_s=round(audio_s / step_s, 1), device_ms_per_step=round(total / n, 2),
                   xla_flags=os.environ.get("XLA_FLAGS", ""),
                   date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()))

@@ -46,6 +46,41 @@ def test_polyphase_conv_transpose_is_torchs_conv_transpose1d(stride, kernel, pad
     np.testing.assert_allclose(np.asarray(dilated), want, atol=1e-6 * scale)
 
 
+@pytest.mark.parametrize("stride,kernel,padding,output_padding",
+                         [(2, 4, 1, 0), (3, 6, 2, 1), (4, 8, 2, 0), (8, 16, 4, 0)])
+def test_polyphase_weight_gradient_by_matmuls_is_the_convolutions(stride, kernel, padding,
+                                                                  output_padding):
+    """The polyphase conv's gradients with its weight gradient as one matmul per tap
+    (`polyphase_weight_grad="dot"`, the CPU default) equal XLA's weight-gradient
+    convolution's ("conv"), and the output is the same program's."""
+    rng = np.random.default_rng(stride + kernel)
+    x = jnp.asarray(rng.normal(size=(3, 13, 6)), jnp.float32)  # [batch, time, in]
+    w = jnp.asarray(rng.normal(size=(kernel, 6, 5)), jnp.float32)  # [kernel, in, out]
+    f = lambda x, w: layers.polyphase_conv_transpose(x, w, stride, padding, output_padding,
+                                                     precision="highest")
+    g = jnp.asarray(rng.normal(size=f(x, w).shape), jnp.float32)
+    saved = dict(layers.IMPL)
+    results = {}
+    try:
+        for choice in ("conv", "dot", "auto"):
+            layers.set_lowering(polyphase_weight_grad=choice)
+            y, pullback = jax.vjp(f, x, w)
+            jaxpr = str(jax.make_jaxpr(f)(x, w))
+            results[choice] = (y, *pullback(g), "custom_vjp" in jaxpr)
+    finally:
+        layers.set_lowering(**saved)
+    y, dx, dw, custom = results["conv"]
+    assert not custom and results["dot"][3]
+    assert results["auto"][3] == (jax.default_backend() == "cpu")
+    for choice in ("dot", "auto"):
+        np.testing.assert_array_equal(np.asarray(results[choice][0]), np.asarray(y))
+        np.testing.assert_allclose(np.asarray(results[choice][1]), np.asarray(dx),
+                                   rtol=1e-5, atol=1e-5 * float(jnp.abs(dx).max()))
+        np.testing.assert_allclose(np.asarray(results[choice][2]), np.asarray(dw),
+                                   rtol=1e-5, atol=1e-5 * float(jnp.abs(dw).max()))
+    assert float(jnp.abs(dw).max()) > 1.0  # a real gradient
+
+
 def test_sin_squared_is_accurate_over_the_range_snake_sees():
     u = np.concatenate([np.linspace(-1000, 1000, 2_000_001), np.linspace(-4, 4, 100_001),
                         [0.0, np.pi / 2, np.pi, -np.pi, 1e-30, 12345.678]]).astype(np.float32)

@@ -9,6 +9,7 @@ optimisation geometry as the reference. Parameters are stored in `param_dtype`
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any, Optional, Sequence
 
@@ -37,12 +38,18 @@ Array = jax.Array
 #   that takes its first Snake precomputed and writes the next unit's; not measured on a
 #   GPU yet, hence not the default); the "_interpret" forms run those kernels in Pallas's
 #   interpreter on any backend (slow: for tests).
+# - "polyphase_weight_grad": how the polyphase conv's weight gradient is computed: "conv"
+#   (XLA's weight-gradient convolution), "dot" (one matmul per tap, `_taps_conv_dot_grad`)
+#   or "auto" (the default: "dot" on the CPU, where XLA's weight-gradient convolution over
+#   the whole time axis took 40.8 ms against 0.7 ms for the tiny decoder's first block,
+#   BENCHMARKS §4; "conv" elsewhere, as measured there).
 IMPL = {"conv_transpose": "polyphase", "pointwise": "dot", "elementwise_f32": True,
-        "snake_sine": "polynomial", "residual_unit": "xla"}
+        "snake_sine": "polynomial", "residual_unit": "xla", "polyphase_weight_grad": "auto"}
 _IMPL_CHOICES = {"conv_transpose": ("polyphase", "xla"), "pointwise": ("dot", "conv"),
                  "elementwise_f32": (True, False), "snake_sine": ("polynomial", "jnp"),
                  "residual_unit": ("xla", "pallas", "pallas_interpret", "pallas_stack",
-                                   "pallas_stack_interpret")}
+                                   "pallas_stack_interpret"),
+                 "polyphase_weight_grad": ("auto", "conv", "dot")}
 
 
 def set_lowering(**choices) -> None:
@@ -335,15 +342,51 @@ def polyphase_conv_transpose(x: Array, w: Array, stride: int, padding: int, outp
     w = jnp.pad(w, ((0, taps * stride - kernel), (0, 0), (0, 0)))
     # kern[t, i, r*out + o] = w[r + (J-1-t)*stride, i, o]: tap t of the conv reads x[q - (J-1-t)].
     kern = jnp.transpose(w.reshape(taps, stride, cin, cout)[::-1], (0, 2, 1, 3))
-    z = jax.lax.conv_general_dilated(
-        x, kern.reshape(taps, cin, stride * cout), window_strides=(1,),
-        padding=[(taps - 1, taps - 1)], dimension_numbers=("NWC", "WIO", "NWC"),
-        precision=precision)  # [batch, time + J - 1, stride*out]
+    choice = IMPL["polyphase_weight_grad"]
+    by_dot = choice == "dot" or (choice == "auto" and jax.default_backend() == "cpu")
+    conv = _taps_conv_dot_grad if by_dot else _taps_conv
+    z = conv(x, kern.reshape(taps, cin, stride * cout), taps - 1, precision)
+    # z: [batch, time + J - 1, stride*out]
     full = z.reshape(x.shape[0], (time + taps - 1) * stride, cout)
     short = padding + length - full.shape[1]  # only when output_padding reaches past the end
     if short > 0:
         full = jnp.pad(full, ((0, 0), (0, short), (0, 0)))
     return full[:, padding:padding + length]
+
+
+def _taps_conv(x: Array, kernel: Array, pad: int, precision: Any) -> Array:
+    """x `[batch, time, in]` conv kernel `[taps, in, out]`, `pad` zeros on both sides."""
+    return jax.lax.conv_general_dilated(
+        x, kernel, window_strides=(1,), padding=[(pad, pad)],
+        dimension_numbers=("NWC", "WIO", "NWC"), precision=precision)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def _taps_conv_dot_grad(x: Array, kernel: Array, pad: int, precision: Any) -> Array:
+    """`_taps_conv` whose kernel gradient is one matmul per tap,
+    `dk[t] = sum over batch and time of x_padded[:, t:t + T_out]^T g`, instead of XLA's
+    weight-gradient convolution, a convolution whose window is the whole time axis; the
+    input gradient stays XLA's. Same values up to summation order."""
+    return _taps_conv(x, kernel, pad, precision)
+
+
+def _taps_conv_fwd(x, kernel, pad, precision):
+    return _taps_conv(x, kernel, pad, precision), (x, kernel)
+
+
+def _taps_conv_bwd(pad, precision, residuals, g):
+    x, kernel = residuals
+    _, input_vjp = jax.vjp(lambda x: _taps_conv(x, kernel, pad, precision), x)
+    (dx,) = input_vjp(g)
+    padded = jnp.pad(x, ((0, 0), (pad, pad), (0, 0)))
+    steps = g.shape[1]
+    dk = jnp.stack([jnp.einsum("bti,bto->io", padded[:, t:t + steps], g, precision=precision,
+                               preferred_element_type=jnp.float32)
+                    for t in range(kernel.shape[0])])
+    return dx, dk.astype(kernel.dtype)
+
+
+_taps_conv_dot_grad.defvjp(_taps_conv_fwd, _taps_conv_bwd)
 
 
 class Snake(nn.Module):
