@@ -182,16 +182,10 @@ def main():
                    help="codec_jax rows coded at once: auto, all or a number (issue 16)")
     args = p.parse_args()
     rows_per_call = {"auto": "auto", "all": None}.get(args.rows_per_call) or int(args.rows_per_call)
+    from bench.xla_options import set_layers
     from codec_jax.nn import layers
 
-    choices = {}
-    for item in args.layers:
-        key, _, value = item.partition("=")
-        choices[key] = {"true": True, "false": False}.get(value.lower(), value)
-    try:
-        layers.set_lowering(**choices)
-    except ValueError as e:
-        raise SystemExit(f"--layers: {e}") from None
+    set_layers(args.layers)
 
     from codec_jax import get_preset
 

@@ -41,6 +41,7 @@ import jax  # noqa: E402
 
 from bench.bench_train import compile_gan_step  # noqa: E402
 from bench.trace_ops import device_time_by_op, hlo_instructions  # noqa: E402
+from bench.xla_options import set_layers  # noqa: E402
 
 # The named scopes of `make_train_step`, outermost first; an op inside several (the mel
 # loss inside the generator losses) takes the innermost listed here.
@@ -105,14 +106,7 @@ def main(argv=None) -> int:
 
     from codec_jax.nn import layers
 
-    choices = {}
-    for item in args.layers:
-        key, _, value = item.partition("=")
-        choices[key] = {"true": True, "false": False}.get(value.lower(), value)
-    try:
-        layers.set_lowering(**choices)
-    except ValueError as e:
-        raise SystemExit(f"--layers: {e}") from None
+    set_layers(args.layers)
     device = jax.devices()[0]
     prepared = compile_gan_step(args.config, args.batch, args.seconds, args.dtype, [device],
                                 tuple(args.set))

@@ -1,5 +1,6 @@
-"""XLA compile options from the command line, for the benches that compare option sets
-(`profile_decode.py`, `bench_compile_options.py`)."""
+"""Lowering choices from the command line, for the benches that compare them: XLA compile
+options (`profile_decode.py`, `bench_compile_options.py`) and codec_jax's own layer
+lowerings (`--layers` of `bench_codec.py` and `profile_train_step.py`)."""
 
 from __future__ import annotations
 
@@ -22,3 +23,18 @@ def parse_options(text: str, aliases: dict[str, str] | None = None) -> dict:
         else:
             options[key] = value
     return options
+
+
+def set_layers(items) -> None:
+    """Applies `KEY=VALUE` items (`true`/`false` as bools) with
+    `codec_jax.nn.layers.set_lowering`; an unknown key or value stops the bench."""
+    from codec_jax.nn import layers
+
+    choices = {}
+    for item in items:
+        key, _, value = item.partition("=")
+        choices[key] = {"true": True, "false": False}.get(value.lower(), value)
+    try:
+        layers.set_lowering(**choices)
+    except ValueError as e:
+        raise SystemExit(f"--layers: {e}") from None
