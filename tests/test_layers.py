@@ -52,7 +52,7 @@ def test_polyphase_weight_gradient_by_matmuls_is_the_convolutions(stride, kernel
                                                                   output_padding):
     """The polyphase conv's gradients with its weight gradient as one matmul per tap
     (`polyphase_weight_grad="dot"`, the CPU default) equal XLA's weight-gradient
-    convolution's ("conv"), and the output is the same program's."""
+    convolution's ("conv"), in reverse and in forward mode, and the output is the same."""
     rng = np.random.default_rng(stride + kernel)
     x = jnp.asarray(rng.normal(size=(3, 13, 6)), jnp.float32)  # [batch, time, in]
     w = jnp.asarray(rng.normal(size=(kernel, 6, 5)), jnp.float32)  # [kernel, in, out]
@@ -66,18 +66,19 @@ def test_polyphase_weight_gradient_by_matmuls_is_the_convolutions(stride, kernel
             layers.set_lowering(polyphase_weight_grad=choice)
             y, pullback = jax.vjp(f, x, w)
             jaxpr = str(jax.make_jaxpr(f)(x, w))
-            results[choice] = (y, *pullback(g), "custom_vjp" in jaxpr)
+            # Forward mode too (the decoder's receptive-field test differentiates so).
+            _, tangent = jax.jvp(f, (x, w), (x[::-1], w[::-1]))
+            results[choice] = (y, *pullback(g), tangent, "custom_jvp" in jaxpr)
     finally:
         layers.set_lowering(**saved)
-    y, dx, dw, custom = results["conv"]
-    assert not custom and results["dot"][3]
-    assert results["auto"][3] == (jax.default_backend() == "cpu")
+    y, dx, dw, dy, custom = results["conv"]
+    assert not custom and results["dot"][4]
+    assert results["auto"][4] == (jax.default_backend() == "cpu")
     for choice in ("dot", "auto"):
         np.testing.assert_array_equal(np.asarray(results[choice][0]), np.asarray(y))
-        np.testing.assert_allclose(np.asarray(results[choice][1]), np.asarray(dx),
-                                   rtol=1e-5, atol=1e-5 * float(jnp.abs(dx).max()))
-        np.testing.assert_allclose(np.asarray(results[choice][2]), np.asarray(dw),
-                                   rtol=1e-5, atol=1e-5 * float(jnp.abs(dw).max()))
+        for got, want in zip(results[choice][1:4], (dx, dw, dy)):
+            np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5,
+                                       atol=1e-5 * float(jnp.abs(want).max()))
     assert float(jnp.abs(dw).max()) > 1.0  # a real gradient
 
 

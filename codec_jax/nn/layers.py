@@ -361,32 +361,36 @@ def _taps_conv(x: Array, kernel: Array, pad: int, precision: Any) -> Array:
         dimension_numbers=("NWC", "WIO", "NWC"), precision=precision)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+@functools.partial(jax.custom_jvp, nondiff_argnums=(2, 3))
 def _taps_conv_dot_grad(x: Array, kernel: Array, pad: int, precision: Any) -> Array:
     """`_taps_conv` whose kernel gradient is one matmul per tap,
     `dk[t] = sum over batch and time of x_padded[:, t:t + T_out]^T g`, instead of XLA's
-    weight-gradient convolution, a convolution whose window is the whole time axis; the
-    input gradient stays XLA's. Same values up to summation order."""
+    weight-gradient convolution, a convolution whose window is the whole time axis.
+
+    Written as a JVP, so that forward-mode autodiff still works: the kernel's tangent
+    enters as one matmul per tap, and reverse mode transposes those matmuls into the
+    weight gradient; the input's tangent goes through the convolution as before (its
+    transpose is XLA's input gradient). Same values up to summation order."""
     return _taps_conv(x, kernel, pad, precision)
 
 
-def _taps_conv_fwd(x, kernel, pad, precision):
-    return _taps_conv(x, kernel, pad, precision), (x, kernel)
-
-
-def _taps_conv_bwd(pad, precision, residuals, g):
-    x, kernel = residuals
-    _, input_vjp = jax.vjp(lambda x: _taps_conv(x, kernel, pad, precision), x)
-    (dx,) = input_vjp(g)
-    padded = jnp.pad(x, ((0, 0), (pad, pad), (0, 0)))
-    steps = g.shape[1]
-    dk = jnp.stack([jnp.einsum("bti,bto->io", padded[:, t:t + steps], g, precision=precision,
-                               preferred_element_type=jnp.float32)
-                    for t in range(kernel.shape[0])])
-    return dx, dk.astype(kernel.dtype)
-
-
-_taps_conv_dot_grad.defvjp(_taps_conv_fwd, _taps_conv_bwd)
+@functools.partial(_taps_conv_dot_grad.defjvp, symbolic_zeros=True)
+def _taps_conv_jvp(pad, precision, primals, tangents):
+    x, kernel = primals
+    dx, dk = tangents
+    y = _taps_conv(x, kernel, pad, precision)
+    dy = None
+    if not isinstance(dx, jax.custom_derivatives.SymbolicZero):
+        dy = _taps_conv(dx, kernel, pad, precision)
+    if not isinstance(dk, jax.custom_derivatives.SymbolicZero):
+        padded = jnp.pad(x, ((0, 0), (pad, pad), (0, 0)))
+        steps = y.shape[1]
+        for t in range(kernel.shape[0]):
+            term = jnp.einsum("bti,io->bto", padded[:, t:t + steps], dk[t], precision=precision)
+            dy = term if dy is None else dy + term
+    if dy is None:
+        dy = jnp.zeros_like(y)
+    return y, dy.astype(y.dtype)
 
 
 class Snake(nn.Module):
