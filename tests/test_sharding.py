@@ -176,16 +176,19 @@ def test_meshes_give_the_same_losses(eight_device_run):
     # Parameters: compare what the three steps changed. Adam moves a weight whose gradient
     # is near zero by ~lr * sign(g), so reduction-order rounding can flip a few such
     # updates (2026-12-02: 73 of 24 576 entries of one leaf off by up to 1.2e-4, with
-    # lr 1e-3). Per leaf, the updates must agree as vectors to 2 % and entry by entry in
-    # 99 % of the entries; a wrong sharding changes the whole update, not a few signs.
+    # lr 1e-3; 2026-12-04, with the CPU's matmul weight gradient of the polyphase conv: 216
+    # of 24 576, and 1 of the 56 of a depthwise kernel, off by 3.4e-5 against updates of
+    # ~2e-3). Per leaf, the updates must agree as vectors to 2 % and entry by entry in 99 %
+    # of the entries, or all but one on a leaf of fewer than 100; a wrong sharding changes
+    # the whole update, not a few signs.
     single, initial = np.load(out / "single.npz"), np.load(out / "initial.npz")
     for name in ("data8", "data4_fsdp2"):
         other = np.load(out / f"{name}.npz")
         for key in single.files:
             want, got = single[key] - initial[key], other[key] - initial[key]
             err = np.linalg.norm(got - want) / max(np.linalg.norm(want), 1e-12)
-            close = np.isclose(other[key], single[key], rtol=1e-3, atol=1e-5).mean()
-            assert err < 0.02 and close >= 0.99, (name, key, err, close)
+            off = np.sum(~np.isclose(other[key], single[key], rtol=1e-3, atol=1e-5))
+            assert err < 0.02 and off <= max(0.01 * single[key].size, 1), (name, key, err, off)
 
 
 @pytest.mark.long

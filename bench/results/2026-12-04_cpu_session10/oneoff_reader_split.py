@@ -1,4 +1,4 @@
-import sys, time, glob, numpy as np, soundfile as sf, soxr, os
+import time, glob, soundfile as sf, soxr
 files = sorted(glob.glob("/work/main/.gpu_audio/speech/**/*.ogg", recursive=True))[:400]
 def cpu(): return time.process_time()
 dec = rs = {}; 
