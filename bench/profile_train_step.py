@@ -39,7 +39,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 import jax  # noqa: E402
 
-from bench.bench_train import compile_gan_step  # noqa: E402
+from bench.bench_train import compile_gan_step, time_steps  # noqa: E402
 from bench.trace_ops import device_time_by_op, hlo_instructions  # noqa: E402
 from bench.xla_options import set_layers  # noqa: E402
 
@@ -113,16 +113,13 @@ def main(argv=None) -> int:
     compiled, batch = prepared["compiled"], prepared["batch"]
     hlo = compiled.as_text()
     info = hlo_instructions(hlo)
-    state = prepared.pop("state")
+    box = [prepared.pop("state")]
 
-    for _ in range(args.warmup):
-        state, metrics = compiled(state, batch)
-    jax.block_until_ready(metrics)
-    t0 = time.perf_counter()
-    for _ in range(args.steps):
-        state, metrics = compiled(state, batch)
-    jax.block_until_ready(metrics)
-    step_s = (time.perf_counter() - t0) / args.steps
+    def step():
+        box[0], metrics = compiled(box[0], batch)
+        return metrics
+
+    step_s = time_steps(step, args.warmup, args.steps)
     audio_s = args.batch * args.seconds
     print(f"step {1000 * step_s:.1f} ms dispatched back to back ({args.steps} steps): "
           f"{audio_s / step_s:.1f} audio-s/s on {device.device_kind}", flush=True)
@@ -130,7 +127,7 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory() as d:
         with jax.profiler.trace(d, create_perfetto_trace=True):
             for _ in range(args.trace_steps):
-                state, metrics = compiled(state, batch)
+                metrics = step()
             jax.block_until_ready(metrics)
         ops = device_time_by_op(d, 0)
     total = sum(ms for _, ms, _ in ops)
