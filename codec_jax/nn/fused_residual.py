@@ -79,6 +79,17 @@ def residual_unit_reference(x, alpha_1, dw_kernel, dw_bias, alpha_2, pw_kernel, 
     return x + y
 
 
+def _unit_output(acc, bdw_ref, a2_ref, inv2_ref, w_ref, bpw_ref, dtype):
+    """Both kernels' epilogue: float32 `[tile, padded]` tap sums -> the unit's branch
+    (depthwise bias, second Snake, 1x1 matmul, its bias) in float32, with the XLA path's
+    roundings to `dtype` between the steps."""
+    f32 = jnp.float32
+    y = (acc.astype(dtype).astype(f32) + bdw_ref[...][None, :]).astype(dtype).astype(f32)
+    y = _snake(y, a2_ref[...][None, :], inv2_ref[...][None, :]).astype(dtype)
+    y = jnp.dot(y, w_ref[...], preferred_element_type=f32)
+    return (y.astype(dtype).astype(f32) + bpw_ref[...][None, :]).astype(dtype).astype(f32)
+
+
 def _kernel(valid_ref, x_ref, a1_ref, inv1_ref, kdw_ref, bdw_ref, a2_ref, inv2_ref,
             w_ref, bpw_ref, o_ref, *, time: int, channels: int, padded: int,
             block_time: int, dilation: int):
@@ -104,13 +115,34 @@ def _kernel(valid_ref, x_ref, a1_ref, inv1_ref, kdw_ref, bdw_ref, a2_ref, inv2_r
         # Beyond the row's valid steps the unit sees zeros (its own padding), and Snake(0) = 0.
         xj = jnp.where((tj < n_valid)[:, None], xj, 0.0)
         acc = acc + _snake(xj, a1, inv1).astype(dtype).astype(f32) * kdw_ref[j, :][None, :]
-    y = (acc.astype(dtype).astype(f32) + bdw_ref[...][None, :]).astype(dtype).astype(f32)
-    y = _snake(y, a2_ref[...][None, :], inv2_ref[...][None, :]).astype(dtype)
-    y = jnp.dot(y, w_ref[...], preferred_element_type=f32)
-    y = (y.astype(dtype).astype(f32) + bpw_ref[...][None, :]).astype(dtype).astype(f32)
+    y = _unit_output(acc, bdw_ref, a2_ref, inv2_ref, w_ref, bpw_ref, dtype)
     out = (skip + y).astype(dtype)
     plgpu.store(o_ref.at[(row * time + t)[:, None], c[None, :]], out,
                 mask=(t < time)[:, None] & c_in[None, :])
+
+
+def _padded_channels(channels: int) -> int:
+    return max(16, pl.next_power_of_2(channels))  # tensor-core dots need >= 16
+
+
+def _row_lengths(valid: Optional[Array], batch: int, time: int) -> Array:
+    return (jnp.full((batch,), time, jnp.int32) if valid is None
+            else jnp.asarray(valid, jnp.int32))
+
+
+def _padded_weights(weights, channels: int, padded: int, dtype):
+    """The kernels' operands from one unit's weights: float32 vectors of the dtype-rounded
+    values (the XLA path rounds weights to the activation dtype), zero in the padding."""
+    alpha_1, dw_kernel, dw_bias, alpha_2, pw_kernel, pw_bias = weights
+    f32 = jnp.float32
+    as_dtype = lambda v: v.astype(dtype).astype(f32)
+    vec = lambda v: jnp.pad(as_dtype(v), (0, padded - channels))
+    a1, a2 = vec(alpha_1), vec(alpha_2)
+    return dict(
+        a1=a1, inv1=jnp.reciprocal(a1 + 1e-9), a2=a2, inv2=jnp.reciprocal(a2 + 1e-9),
+        kdw=jnp.pad(as_dtype(dw_kernel), ((0, 0), (0, padded - channels))),
+        bdw=vec(dw_bias), bpw=vec(pw_bias),
+        w=jnp.pad(pw_kernel.astype(dtype), ((0, padded - channels), (0, padded - channels))))
 
 
 def _forward(x, alpha_1, dw_kernel, dw_bias, alpha_2, pw_kernel, pw_bias, valid, *,
@@ -119,21 +151,10 @@ def _forward(x, alpha_1, dw_kernel, dw_bias, alpha_2, pw_kernel, pw_bias, valid,
 
     batch, time, channels = x.shape
     dtype = x.dtype
-    padded = max(16, pl.next_power_of_2(channels))  # tensor-core dots need >= 16
-    f32 = jnp.float32
-
-    def vec(v, cast):  # [channels] -> [padded], zeros in the padding
-        return jnp.pad(cast(v), (0, padded - channels))
-
-    as_dtype = lambda v: v.astype(dtype).astype(f32)  # the XLA path rounds weights to dtype
-    a1, a2 = vec(alpha_1, as_dtype), vec(alpha_2, as_dtype)
-    inv1 = jnp.reciprocal(a1 + 1e-9)
-    inv2 = jnp.reciprocal(a2 + 1e-9)
-    kdw = jnp.pad(as_dtype(dw_kernel), ((0, 0), (0, padded - channels)))
-    bdw, bpw = vec(dw_bias, as_dtype), vec(pw_bias, as_dtype)
-    w = jnp.pad(pw_kernel.astype(dtype), ((0, padded - channels), (0, padded - channels)))
-    valid = (jnp.full((batch,), time, jnp.int32) if valid is None
-             else jnp.asarray(valid, jnp.int32))
+    padded = _padded_channels(channels)
+    op = _padded_weights((alpha_1, dw_kernel, dw_bias, alpha_2, pw_kernel, pw_bias),
+                         channels, padded, dtype)
+    valid = _row_lengths(valid, batch, time)
     kernel = functools.partial(_kernel, time=time, channels=channels, padded=padded,
                                block_time=block_time, dilation=dilation)
     out = pl.pallas_call(
@@ -143,7 +164,8 @@ def _forward(x, alpha_1, dw_kernel, dw_bias, alpha_2, pw_kernel, pw_bias, valid,
         compiler_params=plgpu.CompilerParams(num_warps=num_warps),
         interpret=interpret,
         name=f"residual_unit_d{dilation}_c{channels}",
-    )(valid, x.reshape(batch * time, channels), a1, inv1, kdw, bdw, a2, inv2, w, bpw)
+    )(valid, x.reshape(batch * time, channels), op["a1"], op["inv1"], op["kdw"], op["bdw"],
+      op["a2"], op["inv2"], op["w"], op["bpw"])
     return out.reshape(batch, time, channels)
 
 
@@ -239,10 +261,7 @@ def _stack_kernel(valid_ref, s_ref, x_ref, kdw_ref, bdw_ref, a2_ref, inv2_ref, w
         sj = plgpu.load(s_ref.at[(row * time + tj)[:, None], c[None, :]],
                         mask=inside[:, None] & c_in[None, :], other=0.0).astype(f32)
         acc = acc + sj * kdw_ref[j, :][None, :]
-    y = (acc.astype(dtype).astype(f32) + bdw_ref[...][None, :]).astype(dtype).astype(f32)
-    y = _snake(y, a2_ref[...][None, :], inv2_ref[...][None, :]).astype(dtype)
-    y = jnp.dot(y, w_ref[...], preferred_element_type=f32)
-    y = (y.astype(dtype).astype(f32) + bpw_ref[...][None, :]).astype(dtype).astype(f32)
+    y = _unit_output(acc, bdw_ref, a2_ref, inv2_ref, w_ref, bpw_ref, dtype)
     here = (t < time)[:, None] & c_in[None, :]
     skip = plgpu.load(x_ref.at[(row * time + t)[:, None], c[None, :]], mask=here,
                       other=0.0).astype(f32)
@@ -254,30 +273,14 @@ def _stack_kernel(valid_ref, s_ref, x_ref, kdw_ref, bdw_ref, a2_ref, inv2_ref, w
         plgpu.store(next_ref[0].at[(row * time + t)[:, None], c[None, :]], s_next, mask=here)
 
 
-def _padded_weights(weights, channels: int, padded: int, dtype):
-    """The kernels' operands from one unit's weights: float32 vectors of the dtype-rounded
-    values (the XLA path rounds weights to the activation dtype), zero in the padding."""
-    alpha_1, dw_kernel, dw_bias, alpha_2, pw_kernel, pw_bias = weights
-    f32 = jnp.float32
-    as_dtype = lambda v: v.astype(dtype).astype(f32)
-    vec = lambda v: jnp.pad(as_dtype(v), (0, padded - channels))
-    a1, a2 = vec(alpha_1), vec(alpha_2)
-    return dict(
-        a1=a1, inv1=jnp.reciprocal(a1 + 1e-9), a2=a2, inv2=jnp.reciprocal(a2 + 1e-9),
-        kdw=jnp.pad(as_dtype(dw_kernel), ((0, 0), (0, padded - channels))),
-        bdw=vec(dw_bias), bpw=vec(pw_bias),
-        w=jnp.pad(pw_kernel.astype(dtype), ((0, padded - channels), (0, padded - channels))))
-
-
 def _stack_forward(x, units, valid, *, dilations, block_time, num_warps, interpret):
     from jax.experimental.pallas import triton as plgpu
 
     batch, time, channels = x.shape
     dtype = x.dtype
-    padded = max(16, pl.next_power_of_2(channels))
+    padded = _padded_channels(channels)
     ops = [_padded_weights(w, channels, padded, dtype) for w in units]
-    valid = (jnp.full((batch,), time, jnp.int32) if valid is None
-             else jnp.asarray(valid, jnp.int32))
+    valid = _row_lengths(valid, batch, time)
     # The first unit's Snake, as the XLA path computes it.
     s = layers.snake(layers.apply_mask(x, valid), units[0][0], dtype)
     flat = lambda a: a.reshape(batch * time, channels)
